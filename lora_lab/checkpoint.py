@@ -1,0 +1,70 @@
+"""GPT checkpoints: a folder with model.safetensors (weights) and config.json (GPTConfig + metadata)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .files import CorruptFileError, read_json, read_tensors, write_bundle
+from .model import GPT, GPTConfig
+
+CHECKPOINT_FORMAT = "lora_lab.gpt.v1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# lm_head.weight is the same tensor as tok_emb.weight; safetensors refuses shared tensors, so it is not saved.
+_TIED = "lm_head.weight"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the model or config it is loaded into."""
+
+
+def save_checkpoint(model: GPT, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Atomically write model weights and config to the folder `path`."""
+    state = {k: v for k, v in model.state_dict().items() if k != _TIED}
+    config = {"format": CHECKPOINT_FORMAT, "gpt_config": model.config.to_dict(), "metadata": metadata or {}}
+    return write_bundle(path, {WEIGHTS_FILE: state, CONFIG_FILE: config})
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict:
+    config = read_json(Path(path) / CONFIG_FILE)
+    if config.get("format") != CHECKPOINT_FORMAT or "gpt_config" not in config:
+        raise CorruptFileError(f"{Path(path) / CONFIG_FILE} is not a lora_lab GPT checkpoint config.")
+    return config
+
+
+def load_checkpoint(
+    path: str | os.PathLike, expected_config: GPTConfig | None = None, device: str | torch.device = "cpu"
+) -> tuple[GPT, dict]:
+    """Load a GPT and its metadata. With expected_config, refuse a checkpoint of another architecture."""
+    path = Path(path)
+    saved = read_checkpoint_config(path)
+    try:
+        config = GPTConfig.from_dict(saved["gpt_config"])
+    except (TypeError, ValueError) as err:
+        raise CorruptFileError(f"{path / CONFIG_FILE} holds an invalid GPTConfig: {err}") from None
+    if expected_config is not None:
+        diff = {
+            k: (v, getattr(config, k))
+            for k, v in expected_config.to_dict().items()
+            if k != "dropout" and getattr(config, k) != v
+        }
+        if diff:
+            detail = ", ".join(f"{k}: expected {a}, checkpoint has {b}" for k, (a, b) in diff.items())
+            raise CheckpointMismatchError(f"Checkpoint {path} does not match the config ({detail}).")
+        config = expected_config
+    state = read_tensors(path / WEIGHTS_FILE)
+    model = GPT(config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != _TIED}
+    got = {k: v.shape for k, v in state.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        raise CheckpointMismatchError(
+            f"Checkpoint {path} weights do not fit GPT({config}): missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"wrong shape {wrong[:5]}."
+        )
+    model.load_state_dict(state, strict=False)  # strict=False only because the tied head is not stored
+    return model.to(device), saved.get("metadata", {})
