@@ -1,0 +1,540 @@
+"""The `lora-lab` command: pretrain, sample, fine-tune, merge, sweep, and the guided `tour`.
+
+Every subcommand explains its options with --help. Bad arguments (a rank of 0, an unknown task or
+device, a missing adapter folder) end with a one-line error on stderr and exit code 2; nothing is
+trained and no file is touched before the arguments have been checked.
+Data and cache: --data / --cache, else $LORA_LAB_DATA / $LORA_LAB_CACHE (see data.py, pretrained.py).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import tasks
+from .checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
+from .data import CharTokenizer, DataUnavailableError
+from .files import CorruptFileError, read_json, write_json_atomic
+from .finetune import (
+    DEFAULT_TARGETS, EVAL_ITERS, FINETUNE_DEFAULTS, FinetuneResult, finetune,
+    finetune_config, format_table, plot_loss_curves, rank_sweep, write_file_atomic,
+)
+from .lora import LoRAConfig, load_adapter, merge_and_unload, save_adapter
+from .pretrained import PRESETS, Pretrained, pretrained_base
+from .train import pick_device
+
+PROG = "lora-lab"
+ADAPTER_CONFIG = "adapter_config.json"  # written by lora.save_adapter; marks a folder as an adapter
+BASE_RECORD = "lora_lab_base.json"  # written next to it by this CLI: which base the adapter belongs to
+BASE_RECORD_FORMAT = "lora_lab.cli.base.v1"
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage and calls sys.exit; the CLI wants one line and a return code.
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument types: each fails with a message that names the problem.
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _rank_list(text: str) -> list[int]:
+    return [_positive_int(part.strip()) for part in text.split(",")]
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"needs at least one module name, got {text!r}")
+    return names
+
+
+def _device(text: str) -> str:
+    try:
+        pick_device(text)  # unknown names and missing GPUs fail here, before any work
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _adapter_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"adapter folder {text!r} does not exist")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a LoRA adapter folder (it has no {ADAPTER_CONFIG})")
+    return path
+
+
+def _checkpoint_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not (path / CONFIG_FILE).is_file():
+        raise argparse.ArgumentTypeError(f"checkpoint folder {text!r} does not exist or has no {CONFIG_FILE}")
+    return path
+
+
+def _replaceable(path: Path, marker: str, what: str) -> Path:
+    """An output folder that may be (re)written whole: missing, empty, or already a `what` (has `marker`)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{PROG}: error: output {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise UsageError(f"{PROG}: error: output folder {path} is not empty and is not a {what}; refusing to replace it")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser
+
+
+def _common_options() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("base model and data")
+    g.add_argument("--data", metavar="PATH",
+                   help="tiny-shakespeare: a folder in the hub's parquet layout or its input.txt "
+                        "(default: $LORA_LAB_DATA, else the Hugging Face hub)")
+    g.add_argument("--cache", metavar="DIR",
+                   help="folder of cached pretrained base models (default: $LORA_LAB_CACHE, else ~/.cache/lora_lab)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="size of the base GPT: tiny (CPU, ~1-2 min to pretrain) or small (10.6M parameters, "
+                        "meant for a GPU) (default: tiny)")
+    g.add_argument("--pretrain-iters", type=_positive_int, metavar="N",
+                   help="pretrain the base for N steps instead of the preset's: a quick, rough base for tests "
+                        "and demos (cached separately)")
+    g.add_argument("--device", type=_device, default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    g.add_argument("--quiet", action="store_true", help="hide progress bars")
+    return p
+
+
+def _finetune_options(default_task: str = "romeo_juliet", sweep: bool = False) -> argparse.ArgumentParser:
+    lora, full = FINETUNE_DEFAULTS["lora"], FINETUNE_DEFAULTS["full"]
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--task", choices=sorted(tasks.TASKS), default=default_task,
+                   help="romeo_juliet: Romeo and Juliet's speeches, held out of pretraining; shout: the "
+                        f"pretraining text in upper case (default: {default_task})")
+    if not sweep:
+        g.add_argument("--rank", "-r", type=_positive_int, default=8, help="LoRA rank r (default: 8)")
+    g.add_argument("--alpha", type=_positive_float,
+                   help="LoRA alpha; the update is scaled by alpha / r (default: "
+                        + ("the first rank of --ranks, kept for all ranks)" if sweep else "2 * rank)"))
+    g.add_argument("--targets", type=_name_list, default=DEFAULT_TARGETS, metavar="NAMES",
+                   help="comma-separated module patterns that get LoRA, e.g. q_proj,v_proj or '*.mlp.*' "
+                        f"(default: {','.join(DEFAULT_TARGETS)})")
+    g.add_argument("--steps", type=_positive_int, default=lora.max_iters,
+                   help=f"fine-tuning steps (default: {lora.max_iters})")
+    g.add_argument("--lr", type=_positive_float,
+                   help=f"peak learning rate (default: {lora.learning_rate:g} for LoRA, "
+                        f"{full.learning_rate:g} for full fine-tuning)")
+    g.add_argument("--batch-size", type=_positive_int, default=lora.batch_size,
+                   help=f"sequences per step (default: {lora.batch_size})")
+    g.add_argument("--seed", type=int, default=lora.seed, help=f"training seed (default: {lora.seed})")
+    g.add_argument("--eval-iters", type=_positive_int, default=EVAL_ITERS,
+                   help=f"fixed validation batches per loss measurement (default: {EVAL_ITERS})")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Learn LoRA on a from-scratch character-level GPT trained on tiny-shakespeare. "
+                    "Start with `lora-lab tour`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_options()
+
+    p = sub.add_parser("pretrain", parents=[common], help="train (or load the cached) base GPT",
+                       description="Pretrain the base GPT on the source domain, or load it from the cache; "
+                                   "print where it is cached and its losses.")
+    p.add_argument("--retrain", action="store_true", help="train again even if a cached model exists")
+    p.set_defaults(run=cmd_pretrain)
+
+    p = sub.add_parser("sample", parents=[common], help="generate text from the base, an adapter or a checkpoint",
+                       description="Generate text from the base GPT, from the base with a LoRA adapter, or from "
+                                   "a saved checkpoint (e.g. a merged one).")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--chars", "-n", type=_positive_int, default=300, help="characters to generate (default: 300)")
+    p.add_argument("--temperature", type=_positive_float, default=0.8,
+                   help="sampling temperature; lower is more conservative (default: 0.8)")
+    p.add_argument("--top-k", type=_positive_int, help="sample only among the k likeliest characters (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--adapter", type=_adapter_dir, metavar="DIR",
+                        help="LoRA adapter folder (from `finetune`) to apply to its base")
+    source.add_argument("--checkpoint", type=_checkpoint_dir, metavar="DIR",
+                        help="full checkpoint folder (from `merge` or `finetune --full`) to sample from")
+    p.set_defaults(run=cmd_sample)
+
+    p = sub.add_parser("finetune", parents=[common, _finetune_options()], help="fine-tune the base on a task",
+                       description="Fine-tune the base GPT on a task with LoRA (or every weight with --full), "
+                                   "print base vs fine-tuned losses and save the adapter (or checkpoint).")
+    p.add_argument("--full", action="store_true",
+                   help="full fine-tuning: train every weight and save a full checkpoint instead of an adapter")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where to save the adapter / checkpoint (default: runs/<task>-lora-r<rank> or "
+                        "runs/<task>-full)")
+    p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("merge", parents=[common], help="merge an adapter into a full checkpoint",
+                       description="Fold a LoRA adapter into its base's weights (W + alpha/r * B A) and save a "
+                                   "plain GPT checkpoint that needs no LoRA code to run.")
+    p.add_argument("--adapter", type=_adapter_dir, required=True, metavar="DIR", help="LoRA adapter folder")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the merged checkpoint")
+    p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("sweep", parents=[common, _finetune_options(sweep=True)],
+                       help="fine-tune once per LoRA rank; write a table and a plot",
+                       description="Fine-tune with each LoRA rank; write sweep.csv and sweep.png (target loss, "
+                                   "source loss, trainable parameters, adapter bytes per rank).")
+    p.add_argument("--ranks", type=_rank_list, default=[1, 2, 4, 8, 16], metavar="R1,R2,...",
+                   help="comma-separated ranks (default: 1,2,4,8,16)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), metavar="DIR",
+                   help="folder for sweep.csv and sweep.png (default: runs/sweep)")
+    p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("tour", parents=[common, _finetune_options(default_task="shout")],
+                       help="the whole story in a few minutes: pretrain, LoRA, merge, report",
+                       description="Pretrain (or load) the base GPT, fine-tune it with LoRA (and fully, to "
+                                   "compare), merge the adapter, and report parameters, losses, file sizes and "
+                                   "a merged == unmerged check; save the adapter, the merged checkpoint, the "
+                                   "report and a loss-curve plot.")
+    p.add_argument("--no-full", action="store_true", help="skip the full fine-tuning comparison (faster)")
+    p.add_argument("--out", type=Path, default=Path("runs/tour"), metavar="DIR",
+                   help="output folder (default: runs/tour)")
+    p.set_defaults(run=cmd_tour)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared steps
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _load_base(args, preset: str | None = None, pretrain_iters: int | None = None, retrain: bool = False) -> Pretrained:
+    preset = preset or args.preset
+    pretrain_iters = pretrain_iters or args.pretrain_iters
+    train_config = None
+    if pretrain_iters:
+        preset_train = PRESETS[preset][1]
+        train_config = replace(
+            preset_train,
+            max_iters=pretrain_iters,
+            warmup_iters=min(preset_train.warmup_iters, pretrain_iters // 10),
+            eval_interval=min(preset_train.eval_interval, pretrain_iters),
+        )
+    return pretrained_base(
+        preset, train_config=train_config, data_source=args.data, cache=args.cache, device=args.device,
+        progress=not args.quiet, retrain=retrain,
+    )
+
+
+def _describe_base(base: Pretrained) -> str:
+    c = base.model.config
+    how = "loaded from cache" if base.from_cache else "trained and cached"
+    return (f"base GPT: {c.n_layer} layers x {c.n_embd} dims, {base.model.num_parameters():,} parameters "
+            f"({how} at {base.path})")
+
+
+def _train_config(args, full: bool):
+    overrides = dict(max_iters=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device)
+    if args.lr is not None:
+        overrides["learning_rate"] = args.lr
+        overrides["min_lr"] = args.lr / 10
+    return finetune_config(full=full, **overrides)
+
+
+def _lora_config(args, rank: int | None = None) -> LoRAConfig:
+    rank = rank or args.rank
+    alpha = args.alpha if args.alpha is not None else 2.0 * rank
+    return LoRAConfig(r=rank, alpha=alpha, targets=tuple(args.targets))
+
+
+def _base_record(args, base: Pretrained, task: str) -> dict:
+    return {
+        "format": BASE_RECORD_FORMAT,
+        "preset": args.preset,
+        "pretrain_iters": args.pretrain_iters,
+        "base_checkpoint": str(base.path.resolve()),
+        "vocab": "".join(base.dataset.tokenizer.chars),
+        "task": task,
+    }
+
+
+def _save_adapter(res: FinetuneResult, args, base: Pretrained, out: Path) -> Path:
+    save_adapter(res.model, out)
+    write_json_atomic(out / BASE_RECORD, _base_record(args, base, res.task))
+    return out
+
+
+def _adapted_model(args, adapter: Path):
+    """(model with the adapter applied, tokenizer, the adapter's base record)."""
+    record = read_json(adapter / BASE_RECORD) if (adapter / BASE_RECORD).is_file() else {}
+    path = record.get("base_checkpoint")
+    if path and Path(path).is_dir() and record.get("vocab"):
+        model, _ = load_checkpoint(path)
+        tokenizer = CharTokenizer(record["vocab"])
+    else:  # the cached base is gone, or the adapter was saved outside the CLI: get the base again
+        base = _load_base(args, record.get("preset"), record.get("pretrain_iters"))
+        model, tokenizer = base.model, base.dataset.tokenizer
+        if record.get("vocab") and "".join(tokenizer.chars) != record["vocab"]:
+            raise UsageError(f"{PROG}: error: adapter {adapter} was trained with another vocabulary than this data's")
+    load_adapter(model, adapter)
+    return model, tokenizer, record
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@torch.no_grad()
+def _max_logit_gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """Largest |logit difference| between two models on a fixed random batch: ~0 if they are the same function."""
+    cfg = a.config
+    x = torch.randint(cfg.vocab_size, (8, cfg.block_size), generator=torch.Generator().manual_seed(0))  # (8, T)
+    a.eval(), b.eval()
+    return (a(x)[0] - b(x)[0]).abs().max().item()
+
+
+def _sample(model, tokenizer, prompt: str, chars: int, temperature: float, top_k, seed: int) -> str:
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)  # (1, len(prompt))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, chars, temperature=temperature, top_k=top_k, generator=gen)
+    return tokenizer.decode(out[0, idx.size(1):])
+
+
+def _loss_rows(results: list[FinetuneResult], total: int) -> list[dict]:
+    first = results[0]
+    rows = [{"model": "base", "trainable": 0, "trainable_%": 0.0, "target_loss": first.base_losses["target"],
+             "source_loss": first.base_losses["source"]}]
+    for res in results:
+        rows.append({"model": res.label, "trainable": res.trainable_params,
+                     "trainable_%": 100.0 * res.trainable_params / total, "target_loss": res.losses["target"],
+                     "source_loss": res.losses["source"]})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_pretrain(args) -> int:
+    base = _load_base(args, retrain=args.retrain)
+    _say(_describe_base(base))
+    final = (base.history.get("evals") or [{}])[-1]
+    if final:
+        _say(f"pretraining losses after {final['iter']} steps: train {final['train']:.4f}, "
+             f"validation {final['val']:.4f}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    if not args.prompt:
+        raise UsageError(f"{PROG} sample: error: --prompt must not be empty")
+    if args.checkpoint is not None:
+        model, meta = load_checkpoint(args.checkpoint)
+        if meta.get("vocab"):
+            tokenizer = CharTokenizer(meta["vocab"])
+        else:
+            tokenizer = _load_base(args).dataset.tokenizer
+            if tokenizer.vocab_size != model.config.vocab_size:
+                raise UsageError(f"{PROG} sample: error: checkpoint {args.checkpoint} does not fit this data's vocabulary")
+    elif args.adapter is not None:
+        model, tokenizer, _ = _adapted_model(args, args.adapter)
+    else:
+        base = _load_base(args)
+        model, tokenizer = base.model, base.dataset.tokenizer
+    model.to(pick_device(args.device))
+    _say(args.prompt + _sample(model, tokenizer, args.prompt, args.chars, args.temperature, args.top_k, args.seed))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    out = args.out or Path("runs") / (f"{args.task}-full" if args.full else f"{args.task}-lora-r{args.rank}")
+    _replaceable(out, CONFIG_FILE if args.full else ADAPTER_CONFIG, "checkpoint" if args.full else "LoRA adapter")
+    lora = None if args.full else _lora_config(args)  # validates before the base is loaded
+    base = _load_base(args)
+    _say(_describe_base(base))
+    task = tasks.make_task(args.task, base.texts)
+    res = finetune(base.model, task, base.dataset.tokenizer, lora, _train_config(args, args.full),
+                   progress=not args.quiet, eval_iters=args.eval_iters)
+    if args.full:
+        save_checkpoint(res.model.cpu(), out, metadata={**_base_record(args, base, task.name), **res.summary()})
+    else:
+        _save_adapter(res, args, base, out)
+    _say(format_table(_loss_rows([res], base.model.num_parameters())))
+    what = "checkpoint" if args.full else "adapter"
+    _say(f"saved the {what} to {out} ({_folder_bytes(out):,} bytes)")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    out = _replaceable(args.out, CONFIG_FILE, "checkpoint")
+    model, tokenizer, record = _adapted_model(args, args.adapter)
+    merged = merge_and_unload(copy.deepcopy(model))
+    gap = _max_logit_gap(model, merged)
+    meta = {**record, "merged_from": str(args.adapter.resolve()), "vocab": "".join(tokenizer.chars)}
+    save_checkpoint(merged, out, metadata=meta)
+    _say(f"merged {args.adapter} into {out} ({_folder_bytes(out):,} bytes; adapter: "
+         f"{_folder_bytes(args.adapter):,} bytes)")
+    _say(f"max |logits(merged) - logits(base + adapter)| = {gap:.2e}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"{PROG} sweep: error: output {args.out} exists and is not a folder")
+    alpha = args.alpha if args.alpha is not None else float(args.ranks[0])
+    for r in args.ranks:  # validate every config before any training
+        LoRAConfig(r=r, alpha=alpha, targets=tuple(args.targets))
+    base = _load_base(args)
+    _say(_describe_base(base))
+    task = tasks.make_task(args.task, base.texts)
+    sweep = rank_sweep(base.model, task, base.dataset.tokenizer, args.ranks, args.targets, alpha,
+                       _train_config(args, full=False), args.out, progress=not args.quiet,
+                       eval_iters=args.eval_iters)
+    _say(sweep.to_text())
+    _say(f"wrote {sweep.files['csv']} and {sweep.files['png']}")
+    return 0
+
+
+def cmd_tour(args) -> int:
+    t0 = time.perf_counter()
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{PROG} tour: error: output {out} exists and is not a folder")
+    _replaceable(out / "adapter", ADAPTER_CONFIG, "LoRA adapter")
+    _replaceable(out / "merged", CONFIG_FILE, "checkpoint")
+    lora = _lora_config(args)
+
+    _say("== 1. The base GPT: pretrained on Shakespeare minus Romeo and Juliet (cached after the first run)")
+    base = _load_base(args)
+    tokenizer = base.dataset.tokenizer
+    _say(_describe_base(base))
+    task = tasks.make_task(args.task, base.texts)
+    _say(f"\n== 2. The task {task.name!r}: {task.description}")
+    _say(f"{len(task.train):,} characters to fine-tune on, {len(task.validation):,} to validate on")
+
+    _say(f"\n== 3. LoRA fine-tuning: r={lora.r}, alpha={lora.alpha:g}, targets {','.join(lora.targets)}")
+    lora_res = finetune(base.model, task, tokenizer, lora, _train_config(args, full=False),
+                        progress=not args.quiet, eval_iters=args.eval_iters)
+    results = [lora_res]
+    if not args.no_full:
+        _say("\n== 3b. Full fine-tuning, for comparison: every weight trainable")
+        results.append(finetune(base.model, task, tokenizer, None, _train_config(args, full=True),
+                                progress=not args.quiet, eval_iters=args.eval_iters,
+                                base_losses=lora_res.base_losses))
+
+    _say("\n== 4. Merge: fold B A into W, save the adapter and the merged checkpoint")
+    adapter_dir = _save_adapter(lora_res, args, base, out / "adapter")
+    merged = merge_and_unload(copy.deepcopy(lora_res.model)).cpu()
+    merged_dir = save_checkpoint(merged, out / "merged", metadata={
+        **_base_record(args, base, task.name), "merged_from": str(adapter_dir.resolve())})
+    gap = _max_logit_gap(lora_res.model.cpu(), merged)
+    merge_ok = gap < 1e-4
+    adapter_size, merged_size = _folder_bytes(adapter_dir), _folder_bytes(merged_dir)
+    curves = plot_loss_curves(results, out / "loss_curves.png")
+
+    prompt = "ROMEO:\n" if task.name == "romeo_juliet" else "\n"
+    if task.name == "shout":
+        prompt = "KING RICHARD III:\n"
+    base_text = _sample(base.model, tokenizer, prompt, 160, 0.8, None, 0)
+    lora_text = _sample(lora_res.model, tokenizer, prompt, 160, 0.8, None, 0)
+
+    total = base.model.num_parameters()
+    lines = [
+        f"# lora-lab tour: LoRA on {task.name!r}",
+        "",
+        f"{task.description}",
+        f"base GPT: {base.model.config.n_layer} layers x {base.model.config.n_embd} dims, {total:,} parameters",
+        f"LoRA: r={lora.r}, alpha={lora.alpha:g}, targets {','.join(lora.targets)}: "
+        f"{lora_res.trainable_params:,} trainable parameters = {100 * lora_res.trainable_params / total:.2f}% "
+        f"of the base's {total:,}",
+        "",
+        "Validation loss (nats/char) on fixed batches; target = the task, source = pretraining text "
+        "(higher than base = forgetting):",
+        "",
+        format_table(_loss_rows(results, total)),
+        "",
+        f"adapter on disk:           {adapter_size:>12,} bytes  ({adapter_dir})",
+        f"merged checkpoint on disk: {merged_size:>12,} bytes  ({merged_dir}), "
+        f"{merged_size / adapter_size:.0f}x the adapter",
+        f"merged == unmerged: max |logit difference| = {gap:.2e} -> {'OK' if merge_ok else 'MISMATCH'}",
+        "",
+        f"sample from the base (prompt {prompt!r}, seed 0):",
+        "    " + (prompt + base_text).replace("\n", "\n    "),
+        "sample after LoRA (same prompt and seed):",
+        "    " + (prompt + lora_text).replace("\n", "\n    "),
+        "",
+        f"loss curves: {curves}",
+        f"wall time: {time.perf_counter() - t0:.0f} s",
+    ]
+    report = "\n".join(lines) + "\n"
+    write_file_atomic(out / "report.md", report)
+    write_json_atomic(out / "report.json", {
+        "results": [r.summary() for r in results], "adapter_bytes": adapter_size, "merged_bytes": merged_size,
+        "merge_max_logit_gap": gap, "merge_ok": merge_ok, "base_params": total,
+    })
+    _say("\n== 5. Report (also in " + str(out / "report.md") + ")\n")
+    _say(report)
+    return 0 if merge_ok else 1
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the lora-lab command line; return the exit code (0 ok, 2 bad arguments or input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.run(args)
+    except SystemExit as done:  # --help, or argparse's own exit
+        return done.code if isinstance(done.code, int) else 0
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, CorruptFileError, DataUnavailableError) as err:
+        # Bad input that only shows once read: unknown characters in a prompt, a corrupt or mismatched file.
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

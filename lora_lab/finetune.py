@@ -1,0 +1,431 @@
+"""Fine-tune the pretrained base on a task, with LoRA or fully, and measure what it gained and forgot.
+
+Every fine-tune starts from a deep copy of the base, so the base is never changed. Two numbers tell
+the story, both measured on the same fixed, seeded validation batches for the base and for the
+fine-tuned model:
+- target loss: validation loss on the task's own text (lower = adapted),
+- source loss: validation loss on the pretraining domain (higher than the base's = forgetting).
+
+`compare_methods` puts base, LoRA and full fine-tuning side by side; `rank_sweep` fine-tunes once per
+LoRA rank and writes a CSV table and a PNG plot.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import save_checkpoint
+from .data import CharTokenizer
+from .lora import LoRAConfig, apply_lora, save_adapter
+from .model import GPT
+from .tasks import Task
+from .train import TrainConfig, TrainResult, estimate_loss, pick_device, train
+
+# Fine-tuning defaults, chosen for the "tiny" preset on a laptop CPU (~10-20 s each on 2 cores).
+# LoRA trains few, freshly initialised parameters and can take a larger step; full fine-tuning moves
+# every pretrained weight and needs a smaller one not to wreck what the base knows.
+FINETUNE_DEFAULTS: dict[str, TrainConfig] = {
+    "lora": TrainConfig(
+        max_iters=300, batch_size=12, learning_rate=1e-3, min_lr=1e-4, warmup_iters=30, weight_decay=0.0,
+        eval_interval=50, eval_iters=10,
+    ),
+    "full": TrainConfig(
+        max_iters=300, batch_size=12, learning_rate=3e-4, min_lr=3e-5, warmup_iters=30, weight_decay=0.1,
+        eval_interval=50, eval_iters=10,
+    ),
+}
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# The fixed batches every model of a comparison is measured on.
+EVAL_BATCH_SIZE = 32
+EVAL_ITERS = 40
+EVAL_SEED = 4321
+
+
+def finetune_config(full: bool = False, **overrides) -> TrainConfig:
+    """The default fine-tuning TrainConfig (LoRA or full), with fields overridden by keyword.
+
+    Changing max_iters alone also rescales the warmup (10% of the steps at most) and the evaluation
+    interval (6 evaluations per run), so a short run still warms up and draws a loss curve.
+    """
+    base = FINETUNE_DEFAULTS["full" if full else "lora"]
+    steps = overrides.get("max_iters", base.max_iters)
+    if isinstance(steps, int) and steps > 0:
+        overrides.setdefault("warmup_iters", min(base.warmup_iters, steps // 10))
+        overrides.setdefault("eval_interval", max(1, steps // 6))
+    return replace(base, **overrides)
+
+
+def encode_task(task: Task, tokenizer: CharTokenizer) -> dict[str, torch.Tensor]:
+    """The task's texts as token tensors: train, target (validation) and source (validation)."""
+    return {
+        "train": torch.tensor(tokenizer.encode(task.train), dtype=torch.long),  # (n_train,)
+        "target": torch.tensor(tokenizer.encode(task.validation), dtype=torch.long),  # (n_target,)
+        "source": torch.tensor(tokenizer.encode(task.source_validation), dtype=torch.long),  # (n_source,)
+    }
+
+
+def task_losses(
+    model: torch.nn.Module,
+    data: dict[str, torch.Tensor],
+    batch_size: int = EVAL_BATCH_SIZE,
+    eval_iters: int = EVAL_ITERS,
+    seed: int = EVAL_SEED,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """{"target", "source"} validation losses on fixed seeded batches (the same for every model)."""
+    splits = {"target": data["target"], "source": data["source"]}
+    return estimate_loss(model, splits, batch_size, eval_iters, seed, device)
+
+
+@dataclass
+class FinetuneResult:
+    model: GPT  # the fine-tuned copy (LoRA layers still separate, not merged)
+    task: str
+    method: str  # "lora" or "full"
+    lora: LoRAConfig | None  # None for full fine-tuning
+    train_config: TrainConfig
+    history: TrainResult
+    losses: dict[str, float]  # {"target", "source"} after fine-tuning
+    base_losses: dict[str, float]  # the base model on the same batches
+    trainable_params: int
+    total_params: int  # of the fine-tuned model (base + adapter for LoRA)
+
+    @property
+    def label(self) -> str:
+        return f"LoRA r={self.lora.r}" if self.lora is not None else "full FT"
+
+    def summary(self) -> dict:
+        """Plain numbers, ready for JSON."""
+        return {
+            "task": self.task,
+            "method": self.method,
+            "lora": self.lora.to_dict() if self.lora is not None else None,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "target_loss": self.losses["target"],
+            "source_loss": self.losses["source"],
+            "base_target_loss": self.base_losses["target"],
+            "base_source_loss": self.base_losses["source"],
+            "train_seconds": self.history.seconds,
+        }
+
+
+def finetune(
+    base_model: GPT,
+    task: Task,
+    tokenizer: CharTokenizer,
+    lora: LoRAConfig | None = LoRAConfig(),
+    train_config: TrainConfig | None = None,
+    progress: bool = True,
+    *,
+    eval_batch_size: int = EVAL_BATCH_SIZE,
+    eval_iters: int = EVAL_ITERS,
+    eval_seed: int = EVAL_SEED,
+    base_losses: dict[str, float] | None = None,
+    desc: str | None = None,
+) -> FinetuneResult:
+    """Fine-tune a copy of `base_model` on `task.train`: LoRA with `lora`, or every weight if lora is None.
+
+    train_config defaults to `finetune_config(full=lora is None)`. base_losses, when given, are the
+    base's losses on the same evaluation batches (saves re-measuring them in a sweep).
+    """
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a lora_lab.tasks.Task (see tasks.make_task), got {type(task).__name__}.")
+    if tokenizer.vocab_size != base_model.config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} characters but the model's vocab_size is "
+            f"{base_model.config.vocab_size}: use the tokenizer the base was pretrained with."
+        )
+    full = lora is None
+    cfg = train_config or finetune_config(full=full)
+    device = pick_device(cfg.device)  # fails early on a device that is not there
+    data = encode_task(task, tokenizer)
+    measure = dict(batch_size=eval_batch_size, eval_iters=eval_iters, seed=eval_seed, device=device)
+
+    model = copy.deepcopy(base_model).to(device)  # the base itself is never touched
+    if base_losses is None:
+        base_losses = task_losses(model, data, **measure)  # the untouched copy *is* the base
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from the global RNG
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        apply_lora(model, lora)
+    trainable = model.num_parameters(trainable_only=True)
+    label = "full fine-tuning" if full else f"LoRA r={lora.r}"
+    history = train(model, data["train"], data["target"], cfg, progress, desc=desc or f"{label} on {task.name}")
+    return FinetuneResult(
+        model=model,
+        task=task.name,
+        method="full" if full else "lora",
+        lora=lora,
+        train_config=cfg,
+        history=history,
+        losses=task_losses(model, data, **measure),
+        base_losses=dict(base_losses),
+        trainable_params=trainable,
+        total_params=model.num_parameters(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes on disk
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def adapter_bytes(model: GPT) -> int:
+    """Bytes on disk of the model's LoRA adapter, as `save_adapter` writes it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, Path(tmp) / "adapter")
+        return _folder_bytes(Path(tmp) / "adapter")
+
+
+def checkpoint_bytes(model: GPT) -> int:
+    """Bytes on disk of a full checkpoint of a plain GPT, as `save_checkpoint` writes it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model, Path(tmp) / "checkpoint")
+        return _folder_bytes(Path(tmp) / "checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables, plots and atomic files
+
+
+def write_file_atomic(path: str | os.PathLike, content: bytes | str) -> Path:
+    """Write one file through a temporary sibling and a rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = content.encode() if isinstance(content, str) else content
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A markdown table (also readable as plain text); floats get 4 decimals."""
+    if columns is None:
+        columns = list(rows[0]) if rows else []
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        if isinstance(v, (list, tuple)):
+            return ",".join(map(str, v))
+        return "-" if v is None else str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
+    line = lambda cells: "| " + " | ".join(s.ljust(w) for s, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def table_csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({c: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for c, v in r.items()})
+    return buf.getvalue()
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    # The object-oriented API: no pyplot, so no GUI backend and no global figure state.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return write_file_atomic(path, buf.getvalue())
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_loss_curves(results: list[FinetuneResult], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Training loss (smoothed) and target validation loss of each fine-tune against the base's, as a PNG."""
+    fig, (ax,) = _figure(8, 4.5)
+    for i, res in enumerate(results):
+        color = f"C{i}"
+        steps = len(res.history.losses)
+        ax.plot(range(steps), _smooth(res.history.losses, max(1, steps // 30)), color=color, alpha=0.5,
+                label=f"{res.label}: train (smoothed)")
+        evals = [e for e in res.history.evals if e.get("val") is not None]
+        ax.plot([e["iter"] for e in evals], [e["val"] for e in evals], "o-", color=color,
+                label=f"{res.label}: target validation")
+    if results:
+        ax.axhline(results[0].base_losses["target"], color="k", ls="--", lw=1, label="base: target validation")
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("cross-entropy (nats / char)")
+    ax.set_title(title or (f"Fine-tuning on {results[0].task}" if results else "Fine-tuning"))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Base vs LoRA vs full fine-tuning
+
+
+@dataclass
+class Comparison:
+    task: str
+    rows: list[dict]  # one per method: base, LoRA, full FT
+    results: dict[str, FinetuneResult] = field(default_factory=dict)  # "lora", "full"
+
+    COLUMNS = ["method", "trainable_params", "trainable_pct", "target_loss", "source_loss", "train_seconds"]
+
+    def to_text(self) -> str:
+        return f"Task {self.task}: validation losses on fixed batches\n" + format_table(self.rows, self.COLUMNS)
+
+
+def compare_methods(
+    base_model: GPT,
+    task: Task,
+    tokenizer: CharTokenizer,
+    lora: LoRAConfig = LoRAConfig(),
+    lora_train_config: TrainConfig | None = None,
+    full_train_config: TrainConfig | None = None,
+    progress: bool = True,
+    **eval_options,
+) -> Comparison:
+    """Base, LoRA and full fine-tuning on one task: target loss, source loss and trainable parameters.
+
+    eval_options (eval_batch_size, eval_iters, eval_seed) go to `finetune`.
+    """
+    lora_res = finetune(base_model, task, tokenizer, lora, lora_train_config, progress, **eval_options)
+    full_res = finetune(
+        base_model, task, tokenizer, None, full_train_config, progress, base_losses=lora_res.base_losses,
+        **eval_options,
+    )
+    total = base_model.num_parameters()
+    rows = [
+        {"method": "base", "trainable_params": 0, "trainable_pct": 0.0, "target_loss": lora_res.base_losses["target"],
+         "source_loss": lora_res.base_losses["source"], "train_seconds": None},
+    ]
+    for res in (lora_res, full_res):
+        rows.append({
+            "method": res.label,
+            "trainable_params": res.trainable_params,
+            "trainable_pct": 100.0 * res.trainable_params / total,
+            "target_loss": res.losses["target"],
+            "source_loss": res.losses["source"],
+            "train_seconds": res.history.seconds,
+        })
+    return Comparison(task.name, rows, {"lora": lora_res, "full": full_res})
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank sweep
+
+
+@dataclass
+class Sweep:
+    task: str
+    rows: list[dict]  # one per rank
+    base_losses: dict[str, float]
+    files: dict[str, Path]  # "csv", "png" -> where they were written (empty without out_dir)
+
+    COLUMNS = ["rank", "alpha", "targets", "trainable_params", "adapter_bytes", "target_loss", "source_loss",
+               "train_seconds"]
+
+    def to_text(self) -> str:
+        base = f"base: target {self.base_losses['target']:.4f}, source {self.base_losses['source']:.4f}"
+        return f"Rank sweep on {self.task} ({base})\n" + format_table(self.rows, self.COLUMNS)
+
+
+def rank_sweep(
+    base_model: GPT,
+    task: Task,
+    tokenizer: CharTokenizer,
+    ranks: tuple[int, ...] | list[int] = (1, 2, 4, 8, 16),
+    targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+    alpha: float | None = None,
+    train_config: TrainConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **eval_options,
+) -> Sweep:
+    """LoRA fine-tune once per rank; with out_dir, write sweep.csv and sweep.png there.
+
+    alpha defaults to the first rank, as in the LoRA paper: it then stays fixed, so scale = alpha / r
+    shrinks as r grows and the learning rate need not be retuned per rank.
+    """
+    ranks = list(ranks)
+    if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):
+        raise ValueError(f"ranks must be a non-empty list of positive integers, got {ranks!r}.")
+    alpha = float(ranks[0]) if alpha is None else alpha
+    configs = [LoRAConfig(r=r, alpha=alpha, targets=tuple(targets)) for r in ranks]
+    for cfg in configs:  # a dry run on a throwaway copy: a rank too large for a target fails before any training
+        apply_lora(copy.deepcopy(base_model), cfg)
+    rows, base_losses = [], None
+    for cfg in configs:
+        res = finetune(base_model, task, tokenizer, cfg, train_config, progress, base_losses=base_losses,
+                       **eval_options)
+        base_losses = res.base_losses
+        rows.append({
+            "rank": cfg.r,
+            "alpha": cfg.alpha,
+            "targets": list(cfg.targets),
+            "trainable_params": res.trainable_params,
+            "adapter_bytes": adapter_bytes(res.model),
+            "target_loss": res.losses["target"],
+            "source_loss": res.losses["source"],
+            "train_seconds": res.history.seconds,
+        })
+    sweep = Sweep(task.name, rows, base_losses, {})
+    if out_dir is not None:
+        out = Path(out_dir)
+        sweep.files["csv"] = write_file_atomic(out / "sweep.csv", table_csv(rows, Sweep.COLUMNS))
+        sweep.files["png"] = plot_sweep(sweep, out / "sweep.png")
+    return sweep
+
+
+def plot_sweep(sweep: Sweep, path: str | os.PathLike) -> Path:
+    """Losses vs rank (left) and adapter size vs rank (right), as a PNG."""
+    fig, (ax_loss, ax_size) = _figure(10, 4, ncols=2)
+    ranks = [r["rank"] for r in sweep.rows]
+    for key, color in (("target", "C0"), ("source", "C1")):
+        ax_loss.plot(ranks, [r[f"{key}_loss"] for r in sweep.rows], "o-", color=color, label=f"LoRA: {key}")
+        ax_loss.axhline(sweep.base_losses[key], color=color, ls="--", lw=1, label=f"base: {key}")
+    ax_size.plot(ranks, [r["adapter_bytes"] / 1024 for r in sweep.rows], "o-", color="C2")
+    for ax in (ax_loss, ax_size):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("LoRA rank r")
+        ax.grid(alpha=0.3)
+    ax_loss.set_ylabel("validation loss (nats / char)")
+    ax_loss.set_title(f"{sweep.task}: adaptation (target) and forgetting (source)")
+    ax_loss.legend(fontsize=8)
+    ax_size.set_ylabel("adapter size on disk (KiB)")
+    ax_size.set_title("adapter size")
+    return save_figure(fig, path)

@@ -1,0 +1,562 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021), written to be read top to bottom.
+
+A frozen weight W (d x k, d = out_features, k = in_features) is adapted by a low-rank update
+
+    W' = W + (alpha / r) * B @ A,        A: (r x k),  B: (d x r),  r << min(d, k)
+
+Only A and B are trained: r * (d + k) numbers instead of d * k. The sections below are
+1. the layer (LoRALinear), 2. choosing targets and freezing (apply_lora), 3. merging ΔW into W,
+4. counting parameters, 5. adapters on disk, 6. hot-swapping adapters on one base (AdapterBank).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .files import CorruptFileError, read_json, read_tensors, write_bundle
+
+INITS = ("gaussian", "kaiming")
+ADAPTER_FORMAT = "lora_lab.adapter.v1"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+class LoRAError(ValueError):
+    """A LoRA setting or operation that cannot be done (bad rank, bad target, merging twice, ...)."""
+
+
+class AdapterMismatchError(LoRAError):
+    """An adapter that was made for another base model or does not fit this one's shapes."""
+
+
+def _check_hyperparameters(r, alpha, dropout, init) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise LoRAError(f"LoRA rank r must be a positive integer, got {r!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha < math.inf):
+        raise LoRAError(f"LoRA alpha must be a positive finite number, got {alpha!r}.")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
+    if init not in INITS:
+        raise LoRAError(f"LoRA init must be one of {INITS}, got {init!r}.")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What to adapt and how. targets / trainable are module-name patterns (fnmatch), matched against the
+    full dotted name ("blocks.0.attn.q_proj") or its last component ("q_proj"); "*.mlp.*" also works."""
+
+    r: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    dropout: float = 0.0
+    init: str = "gaussian"
+    trainable: tuple[str, ...] = ()  # extra modules trained in full (e.g. "ln_f"), saved with the adapter
+
+    def __post_init__(self):
+        _check_hyperparameters(self.r, self.alpha, self.dropout, self.init)
+        object.__setattr__(self, "alpha", float(self.alpha))
+        for name in ("targets", "trainable"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, str) else tuple(value)  # lists from JSON become tuples
+            if not all(isinstance(p, str) and p for p in value):
+                raise LoRAError(f"LoRAConfig.{name} must be non-empty strings, got {value!r}.")
+            object.__setattr__(self, name, value)
+        if not self.targets:
+            raise LoRAError("LoRAConfig.targets is empty: name at least one nn.Linear module (e.g. 'q_proj').")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {**d, "targets": list(self.targets), "trainable": list(self.trainable)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRAConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise LoRAError(f"Unknown LoRAConfig field(s): {sorted(unknown)}.")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The layer
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank branch: y = base(x) + scale * B(A(dropout(x))).
+
+    Initialisation. One factor must start at zero so that B @ A = 0 and the adapted model is exactly
+    the base model at step 0. B = 0 does that for any A. Training still starts: dL/dB = scale * g (A x)^T
+    is non-zero because A is random, while dL/dA = scale * B^T g x^T is zero only until B has moved.
+    (Both zero would be a saddle point: neither would ever get a gradient. Both random would start
+    from a perturbed model.) So any random A works: "gaussian" (the paper; N(0, 1/k), which keeps each
+    component of A x at the scale of a component of x) or "kaiming" (kaiming-uniform, as in loralib and
+    PEFT). They differ only in the scale of A, which alpha / r and the learning rate absorb.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "gaussian"):
+        super().__init__()
+        if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
+            raise LoRAError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}.")
+        _check_hyperparameters(r, alpha, dropout, init)
+        d, k = base.out_features, base.in_features
+        if r > min(d, k):
+            raise LoRAError(f"LoRA rank r={r} exceeds min(d, k) = min({d}, {k}); B @ A cannot have rank above that.")
+        self.base = base
+        self.r, self.alpha, self.init = r, float(alpha), init
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, k, device=w.device, dtype=w.dtype))  # (r, k)
+        self.lora_B = nn.Parameter(torch.zeros(d, r, device=w.device, dtype=w.dtype))  # (d, r): zero => ΔW = 0
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, mean=0.0, std=1.0 / math.sqrt(k))
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the default init of nn.Linear
+        self.merged = False  # True while scale * B @ A is folded into base.weight
+        self.enabled = True  # False: behave like the base layer
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., k)
+        out = self.base(x)  # (..., d)
+        if self.merged or not self.enabled:
+            return out
+        # Two thin matmuls (..., k) -> (..., r) -> (..., d): the d x k matrix B @ A is never formed, and
+        # the frozen base weight gets no weight-gradient matmul (autograd skips it: requires_grad=False).
+        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scale * B @ A as a (d, k) fp32 matrix: for merging and analysis, never used in training."""
+        return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}, enabled={self.enabled}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Targets and freezing
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatchcase(name, pattern) or fnmatchcase(name.rpartition(".")[2], pattern)
+
+
+def _modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Named modules, without the root and without the insides of LoRA layers (their base, dropout)."""
+    out, lora = {}, []
+    for name, module in model.named_modules():
+        if name and not any(name.startswith(p + ".") for p in lora):
+            out[name] = module
+            if isinstance(module, LoRALinear):
+                lora.append(name)
+    return out
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in _modules(model).items() if isinstance(m, LoRALinear)}
+
+
+def _linear_summary(modules: dict[str, nn.Module]) -> str:
+    names = [n for n, m in modules.items() if isinstance(m, nn.Linear | LoRALinear)]
+    short = list(dict.fromkeys(n.rpartition(".")[2] for n in names))
+    return f"{', '.join(short)} (full names like {names[0]!r})" if names else "none"
+
+
+def _tied(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it is registered under, for parameters shared by several modules."""
+    seen: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), []).append(name)
+    return {i: names for i, names in seen.items() if len(names) > 1}
+
+
+def _select_targets(model: nn.Module, patterns, r: int) -> dict[str, nn.Linear]:
+    """Resolve target patterns to {name: nn.Linear} (a LoRA layer counts as its base). Raises, never mutates."""
+    modules, tied, chosen = _modules(model), _tied(model), {}
+    for pattern in patterns:
+        hits = [n for n in modules if _matches(n, pattern)]
+        linear = [n for n in hits if isinstance(modules[n], nn.Linear | LoRALinear)]
+        if not linear:
+            kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in hits[:6])
+            found = f"matches only {kinds}; " if hits else "matches no module; "
+            raise LoRAError(f"LoRA target {pattern!r} {found}only nn.Linear layers can be targeted. "
+                            f"Linear layers in this model: {_linear_summary(modules)}.")
+        for n in linear:
+            base = modules[n].base if isinstance(modules[n], LoRALinear) else modules[n]
+            if id(base.weight) in tied:
+                others = [t for t in tied[id(base.weight)] if not t.startswith(n + ".")]
+                raise LoRAError(f"LoRA target {n!r} shares its weight with {others} (weight tying); "
+                                "merging ΔW into it would change the embedding too, so it cannot be targeted.")
+            if r > min(base.out_features, base.in_features):
+                raise LoRAError(f"LoRA rank r={r} exceeds min(d, k) = min({base.out_features}, {base.in_features}) "
+                                f"for {n!r}; B @ A cannot have rank above that.")
+            chosen[n] = base
+    return chosen
+
+
+def _select_trainable(model: nn.Module, config: LoRAConfig, targets) -> dict[str, nn.Parameter]:
+    """Resolve config.trainable to {unique parameter name: parameter}. Raises, never mutates."""
+    modules, ids = _modules(model), set()
+    for pattern in config.trainable:
+        hits = [n for n in modules if _matches(n, pattern)]
+        if not hits:
+            short = ", ".join(dict.fromkeys(n.rpartition(".")[2] for n in modules))
+            raise LoRAError(f"trainable pattern {pattern!r} matches no module; modules in this model: {short}.")
+        for n in hits:
+            clash = [t for t in targets if t == n or t.startswith(n + ".")]
+            if clash:
+                raise LoRAError(f"trainable module {n!r} contains LoRA targets {clash[:4]}: a layer is either "
+                                "adapted by LoRA or trained in full, not both.")
+            ids.update(id(p) for p in modules[n].parameters())
+    return {name: p for name, p in model.named_parameters() if id(p) in ids}
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
+    """Wrap every target nn.Linear in a LoRALinear, in place, and freeze all but A, B and `trainable`.
+
+    Everything is validated before the model is touched: on any error the model is exactly as it was.
+    """
+    config = LoRAConfig() if config is None else config
+    if not isinstance(config, LoRAConfig):
+        raise LoRAError(f"apply_lora needs a LoRAConfig, got {type(config).__name__}.")
+    existing = lora_layers(model)
+    if existing:
+        raise LoRAError(f"LoRA is already applied to {list(existing)[:4]}{' ...' if len(existing) > 4 else ''}; "
+                        "applying it twice would stack adapters. Use load_adapter to replace the LoRA tensors, "
+                        "or merge_and_unload first.")
+    targets = _select_targets(model, config.targets, config.r)
+    trainable = _select_trainable(model, config, targets)
+    model.requires_grad_(False)
+    for name, linear in targets.items():
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, LoRALinear(linear, config.r, config.alpha, config.dropout, config.init))
+    for p in trainable.values():
+        p.requires_grad_(True)
+    model.lora_config = config  # remembered for save_adapter / export
+    return model
+
+
+def _require_lora(model: nn.Module) -> dict[str, LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise LoRAError("The model has no LoRA layers; call apply_lora(model, LoRAConfig(...)) first.")
+    return layers
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every LoRA branch on or off (off: the model computes exactly the base model)."""
+    layers = _require_lora(model)
+    if not enabled and any(layer.merged for layer in layers.values()):
+        raise LoRAError("Cannot disable LoRA while it is merged into the weights; call unmerge_lora first.")
+    for layer in layers.values():
+        layer.enabled = bool(enabled)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Merging: W <- W ± scale * B @ A, so inference costs exactly what the base model costs
+
+
+def _fold(layers: dict[str, LoRALinear], sign: int, action: str) -> None:
+    # Compute every new weight first (fp32 math, one rounding back to the weight's dtype), check them
+    # all, and only then write: a refused merge leaves every layer as it was.
+    new = {n: (l.base.weight.float() + sign * l.delta_weight()).to(l.base.weight.dtype) for n, l in layers.items()}
+    bad = [n for n, w in new.items() if not torch.isfinite(w).all()]
+    if bad:
+        raise LoRAError(f"Refusing to {action}: the result would contain NaN/Inf in {bad}; weights left unchanged.")
+    with torch.no_grad():
+        for n, layer in layers.items():
+            layer.base.weight.copy_(new[n])
+            layer.merged = sign > 0
+
+
+def merge_lora(model: nn.Module) -> None:
+    layers = _require_lora(model)
+    merged = [n for n, l in layers.items() if l.merged]
+    if merged:
+        raise LoRAError(f"LoRA is already merged into {merged[:4]}; merging twice would add ΔW twice.")
+    if not all(l.enabled for l in layers.values()):
+        raise LoRAError("Cannot merge while LoRA is disabled (set_lora_enabled(model, True) first).")
+    _fold(layers, +1, "merge")
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Subtract ΔW again (fp32 math). No copy of W is kept, so W comes back up to fp32 rounding."""
+    layers = _require_lora(model)
+    unmerged = [n for n, l in layers.items() if not l.merged]
+    if unmerged:
+        raise LoRAError(f"LoRA is not merged into {unmerged[:4]}; there is nothing to unmerge.")
+    _fold(layers, -1, "unmerge")
+
+
+def _unwrap(model: nn.Module) -> None:
+    """Put each LoRA layer's own base nn.Linear back (same object, same weight tensor)."""
+    for name, layer in lora_layers(model).items():
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, layer.base)
+    if "lora_config" in model.__dict__:
+        del model.lora_config
+    model.requires_grad_(True)  # a plain model again, trainable like a fresh one
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge (if not merged yet) and return the same model as a plain GPT without LoRA modules."""
+    if not all(l.merged for l in _require_lora(model).values()):
+        merge_lora(model)
+    _unwrap(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Counting parameters
+
+
+@dataclass(frozen=True)
+class ParameterRow:
+    name: str
+    d: int  # out_features
+    k: int  # in_features
+    r: int
+    lora_params: int  # r * (d + k): A and B
+    full_params: int  # d * k: the matrix a full fine-tune would train
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    rows: tuple[ParameterRow, ...]
+    lora_params: int
+    total_params: int  # unique parameters (the tied embedding counts once), LoRA included
+    trainable_params: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params
+
+    def to_text(self) -> str:
+        lines = [f"{'module':<28}{'d':>6}{'k':>6}{'r':>4}{'r(d+k)':>10}{'d*k':>10}"]
+        lines += [f"{w.name:<28}{w.d:>6}{w.k:>6}{w.r:>4}{w.lora_params:>10,}{w.full_params:>10,}" for w in self.rows]
+        full = sum(w.full_params for w in self.rows)
+        lines.append(f"LoRA parameters: {self.lora_params:,} (vs {full:,} in the adapted matrices)")
+        lines.append(f"trainable: {self.trainable_params:,} of {self.total_params:,} ({self.trainable_fraction:.3%})")
+        return "\n".join(lines)
+
+
+def parameter_report(model: nn.Module) -> ParameterReport:
+    rows = tuple(
+        ParameterRow(n, l.base.out_features, l.base.in_features, l.r,
+                     l.r * (l.base.out_features + l.base.in_features), l.base.out_features * l.base.in_features)
+        for n, l in lora_layers(model).items()
+    )
+    params = list(model.parameters())  # unique: lm_head.weight is tok_emb.weight
+    return ParameterReport(rows, sum(w.lora_params for w in rows), sum(p.numel() for p in params),
+                           sum(p.numel() for p in params if p.requires_grad))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Adapters on disk: only A, B (and `trainable` weights) plus a config naming the base they fit
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for n, layer in _require_lora(model).items():
+        tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"] = layer.lora_A, layer.lora_B
+    config = model.lora_config
+    tensors.update(_select_trainable(model, config, lora_layers(model)))
+    return tensors
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Atomically write the folder `path`: adapter_model.safetensors + adapter_config.json."""
+    layers = _require_lora(model)
+    tensors = _adapter_tensors(model)
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "lora_config": model.lora_config.to_dict(),
+        "scaling": "alpha/r",
+        "base_fingerprint": model.config.fingerprint(),
+        "base_config": model.config.to_dict(),
+        "modules": [
+            {"name": n, "d": l.base.out_features, "k": l.base.in_features, "r": l.r,
+             "lora_A": [l.r, l.base.in_features], "lora_B": [l.base.out_features, l.r]}
+            for n, l in layers.items()
+        ],
+        "trainable_params": {n: list(t.shape) for n, t in tensors.items() if not n.endswith((".lora_A", ".lora_B"))},
+    }
+    return write_bundle(path, {WEIGHTS_FILE: tensors, CONFIG_FILE: meta})
+
+
+def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    targets = _select_targets(model, config.targets, config.r)
+    shapes = {}
+    for n, lin in targets.items():
+        shapes[f"{n}.lora_A"] = (config.r, lin.in_features)
+        shapes[f"{n}.lora_B"] = (lin.out_features, config.r)
+    shapes.update({n: tuple(p.shape) for n, p in _select_trainable(model, config, targets).items()})
+    return shapes
+
+
+def _check_tensors(tensors: dict, shapes: dict, source: str) -> None:
+    missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    if missing or extra:
+        raise CorruptFileError(f"{source}: missing tensors {missing[:4]}, unexpected tensors {extra[:4]}.")
+    for n, t in tensors.items():
+        if not t.is_floating_point():
+            raise CorruptFileError(f"{source}: tensor {n} has dtype {t.dtype}; LoRA tensors must be floating point.")
+        if tuple(t.shape) != shapes[n]:
+            raise AdapterMismatchError(f"{source}: tensor {n} has shape {tuple(t.shape)}, "
+                                       f"this model needs {shapes[n]}.")
+        if not torch.isfinite(t).all():
+            raise CorruptFileError(f"{source}: tensor {n} contains NaN or Inf.")
+
+
+def _install(model: nn.Module, config: LoRAConfig, tensors: dict, source: str) -> nn.Module:
+    """Validate, then put the adapter (config + tensors) into the model: apply it to a plain model, or
+    replace the tensors of an adapted one whose targets agree. The model is untouched on any error."""
+    layers = lora_layers(model)
+    if any(l.merged for l in layers.values()):
+        raise LoRAError("The model's LoRA is merged; call unmerge_lora before loading another adapter.")
+    shapes = _expected_shapes(model, config)
+    if layers:
+        theirs = sorted(n[: -len(".lora_A")] for n in shapes if n.endswith(".lora_A"))
+        mine = model.lora_config
+        if theirs != sorted(layers) or config.r != mine.r:
+            raise AdapterMismatchError(f"{source} adapts {theirs[:4]} at r={config.r}, but the model is adapted at "
+                                       f"{sorted(layers)[:4]} with r={mine.r}: targets and rank must agree.")
+        if set(_select_trainable(model, config, layers)) != set(_select_trainable(model, mine, layers)):
+            raise AdapterMismatchError(f"{source} trains modules {config.trainable}, the model {mine.trainable}.")
+    _check_tensors(tensors, shapes, source)
+    if not layers:
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+        with torch.random.fork_rng(devices=cuda):  # loading must not consume random numbers
+            apply_lora(model, config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, layer in lora_layers(model).items():
+            layer.alpha = float(config.alpha)
+            layer.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        for n, t in tensors.items():
+            params[n].copy_(t)  # cast to the model's dtype and device
+    model.lora_config = config
+    return model
+
+
+def _base_mismatch(fingerprint, saved_config: dict, model: nn.Module, source: str) -> None:
+    if fingerprint == model.config.fingerprint():
+        return
+    mine = model.config.to_dict()
+    diff = ", ".join(f"{k}: adapter {v}, model {mine.get(k)}" for k, v in saved_config.items()
+                     if k != "dropout" and mine.get(k) != v)
+    raise AdapterMismatchError(f"{source} was made for another base model (fingerprint {fingerprint}, this model "
+                               f"{model.config.fingerprint()}; {diff or 'config differs'}).")
+
+
+def _read_adapter(path: str | os.PathLike, model: nn.Module) -> tuple[LoRAConfig, dict]:
+    path = Path(path)
+    meta = read_json(path / CONFIG_FILE)
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise CorruptFileError(f"{path / CONFIG_FILE} is not a lora_lab adapter config "
+                               f"(format {meta.get('format')!r}).")
+    try:
+        config = LoRAConfig.from_dict(meta["lora_config"])
+        fingerprint, saved_config, scaling = meta["base_fingerprint"], dict(meta["base_config"]), meta["scaling"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptFileError(f"{path / CONFIG_FILE} is not a valid adapter config: {err!r}") from None
+    if scaling != "alpha/r":
+        raise CorruptFileError(f"{path / CONFIG_FILE}: unsupported scaling rule {scaling!r} (expected 'alpha/r').")
+    _base_mismatch(fingerprint, saved_config, model, f"Adapter {path}")
+    return config, read_tensors(path / WEIGHTS_FILE)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a save_adapter folder into `model` (plain: LoRA is applied first; adapted: tensors replaced)."""
+    config, tensors = _read_adapter(path, model)
+    return _install(model, config, tensors, f"Adapter {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Many adapters, one base: swapping moves a few small tensors, the base weights stay where they are
+
+
+class AdapterBank:
+    """Named adapters for one loaded base model. activate(name) detaches the current LoRA layers (their
+    base nn.Linear objects go back in place) and attaches the named adapter; the base is never reloaded.
+    A model that already carries LoRA when the bank is made is registered as adapter "default"."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._adapters: dict[str, tuple[LoRAConfig, dict[str, torch.Tensor]]] = {}
+        self._base_values: dict[str, torch.Tensor] = {}  # base copies of weights that `trainable` adapters change
+        self.active: str | None = None
+        layers = lora_layers(model)
+        if layers:
+            if any(l.merged for l in layers.values()) or model.lora_config.trainable:
+                raise LoRAError("AdapterBank needs an unmerged model whose adapter trains no extra modules "
+                                "(their base weights would be lost); pass the plain base model instead.")
+            tensors = {n: t.detach().clone() for n, t in _adapter_tensors(model).items()}
+            self._adapters["default"] = (model.lora_config, tensors)
+            self.active = "default"
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def add(self, name: str, source: str | os.PathLike | nn.Module) -> None:
+        """Register an adapter from a save_adapter folder or from an adapted model (its tensors are copied)."""
+        if not isinstance(name, str) or not name:
+            raise LoRAError(f"Adapter names are non-empty strings, got {name!r}.")
+        if name in self._adapters:
+            raise LoRAError(f"An adapter named {name!r} already exists; delete it first.")
+        if isinstance(source, nn.Module):
+            _require_lora(source)
+            _base_mismatch(source.config.fingerprint(), source.config.to_dict(), self.model, f"Adapter {name!r}")
+            config, tensors = source.lora_config, _adapter_tensors(source)
+        else:
+            config, tensors = _read_adapter(source, self.model)
+        _check_tensors(tensors, _expected_shapes(self.model, config), f"Adapter {name!r}")
+        params = dict(self.model.named_parameters())
+        for n in tensors:
+            if not n.endswith((".lora_A", ".lora_B")) and n not in self._base_values:
+                self._base_values[n] = params[n].detach().clone()  # a `trainable` weight: keep the base value
+        device = next(self.model.parameters()).device
+        self._adapters[name] = (config, {n: t.detach().to(device).clone() for n, t in tensors.items()})
+
+    def _detach(self) -> None:
+        if any(l.merged for l in lora_layers(self.model).values()):
+            raise LoRAError("The active adapter is merged; call unmerge_lora before switching adapters.")
+        _unwrap(self.model)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, value in self._base_values.items():
+                params[n].copy_(value)
+
+    def activate(self, name: str) -> None:
+        if name not in self._adapters:
+            raise LoRAError(f"No adapter named {name!r}; the bank holds {self.names}.")
+        self._detach()
+        self.active = None
+        config, tensors = self._adapters[name]
+        _install(self.model, config, tensors, f"Adapter {name!r}")
+        self.active = name
+
+    def disable(self) -> None:
+        """Detach all adapters: the model is the plain base again."""
+        self._detach()
+        self.active = None
+
+    def delete(self, name: str) -> None:
+        if name not in self._adapters:
+            raise LoRAError(f"No adapter named {name!r}; the bank holds {self.names}.")
+        if name == self.active:
+            self.disable()
+        del self._adapters[name]

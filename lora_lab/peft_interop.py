@@ -1,0 +1,128 @@
+"""Move LoRA adapters between lora_lab and Hugging Face PEFT (https://github.com/huggingface/peft).
+
+PEFT's on-disk LoRA adapter is a folder with
+  adapter_model.safetensors  keys "base_model.model.<module>.lora_A.weight" (r, k) and ".lora_B.weight" (d, r);
+                             modules_to_save weights under "base_model.model.<module>.<param>"
+  adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules", "lora_dropout", ...}
+PEFT scales the update by lora_alpha / r, like lora_lab, so A and B move across unchanged.
+Reading and writing the files needs no PEFT install; only `require_peft` (used to build PEFT models) does.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.nn as nn
+
+from .files import CorruptFileError, read_json, read_tensors, write_bundle
+from .lora import LoRAConfig, LoRAError, _install, _require_lora, _select_trainable, _tied
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PREFIX = "base_model.model."  # PeftModel -> LoraModel -> our GPT
+
+# PEFT options that change what LoRA computes; lora_lab implements only their defaults (falsy or "none").
+_UNSUPPORTED = {
+    "use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
+    "fan_in_fan_out": False, "lora_bias": False, "trainable_token_indices": None, "target_parameters": None,
+    "layer_replication": None, "use_qalora": False, "alora_invocation_tokens": None,
+}
+_EXPORTED_DEFAULTS = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out")
+
+
+def require_peft():
+    """Import peft, or say how to get it: it is an optional dependency of lora_lab."""
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("This needs the optional package 'peft': pip install 'lora-lab[peft]' (or pip install peft).")
+    return peft
+
+
+def _trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules trained in full (config.trainable) as PEFT's modules_to_save; tied weights cannot go there."""
+    config, layers = model.lora_config, _require_lora(model)
+    params = _select_trainable(model, config, layers)
+    tied = {name for names in _tied(model).values() for name in names}
+    if tied & set(params):
+        raise LoRAError("PEFT's modules_to_save copies a module and unties its weight, so a trainable tied "
+                        "embedding (tok_emb / lm_head) cannot be exported to PEFT.")
+    return {n.rpartition(".")[0]: model.get_submodule(n.rpartition(".")[0]) for n in params}
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's LoRA adapter in PEFT's format; PeftModel.from_pretrained(base_gpt, path) loads it."""
+    layers = _require_lora(model)
+    config = model.lora_config
+    to_save = _trainable_modules(model)
+    modules = [n for n, _ in model.named_modules()]
+    for name in to_save:  # PEFT picks modules_to_save by plain suffix match: make sure ours are unambiguous
+        if sum(m.endswith(name) for m in modules) > 1:
+            raise LoRAError(f"trainable module {name!r} is a suffix of other module names; PEFT would match those too.")
+    tensors = {}
+    for n, layer in layers.items():
+        tensors[f"{PREFIX}{n}.lora_A.weight"] = layer.lora_A  # (r, k)
+        tensors[f"{PREFIX}{n}.lora_B.weight"] = layer.lora_B  # (d, r)
+    for n, module in to_save.items():
+        tensors.update({f"{PREFIX}{n}.{p}": t for p, t in module.named_parameters()})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(layers),  # full names: PEFT matches them exactly
+        "modules_to_save": sorted(to_save) or None,
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "revision": None,
+        **{k: _UNSUPPORTED[k] for k in _EXPORTED_DEFAULTS},
+    }
+    return write_bundle(path, {PEFT_WEIGHTS: tensors, PEFT_CONFIG: peft_config})
+
+
+def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a PEFT LoRA adapter (get_peft_model(gpt, ...).save_pretrained(path)) into a lora_lab GPT.
+
+    Like load_adapter: a plain model gets LoRA applied first, an adapted one gets its tensors replaced;
+    on any error the model is unchanged.
+    """
+    path = Path(path)
+    if not (path / PEFT_WEIGHTS).is_file() and (path / "adapter_model.bin").is_file():
+        raise CorruptFileError(f"{path} holds a pickled adapter_model.bin; lora_lab reads only safetensors "
+                               "(save with save_pretrained(..., safe_serialization=True)).")
+    cfg = read_json(path / PEFT_CONFIG)
+    if cfg.get("peft_type") != "LORA":
+        raise CorruptFileError(f"{path / PEFT_CONFIG} is not a PEFT LoRA config (peft_type {cfg.get('peft_type')!r}).")
+    odd = {k: cfg[k] for k, default in _UNSUPPORTED.items() if cfg.get(k) and cfg[k] != default}
+    if odd:
+        raise LoRAError(f"{path}: PEFT options lora_lab does not implement: {odd}.")
+    raw = read_tensors(path / PEFT_WEIGHTS)
+    tensors, targets, trainable = {}, [], []
+    for key, t in raw.items():
+        if not key.startswith(PREFIX):
+            raise CorruptFileError(f"{path / PEFT_WEIGHTS}: unexpected tensor {key!r} (expected prefix {PREFIX!r}).")
+        name = key[len(PREFIX):]
+        for part in ("lora_A", "lora_B"):
+            if name.endswith(f".{part}.weight"):
+                module = name[: -len(f".{part}.weight")]
+                tensors[f"{module}.{part}"] = t
+                targets.append(module)
+                break
+        else:
+            tensors[name] = t  # a modules_to_save parameter, e.g. "ln_f.weight"
+            trainable.append(name.rpartition(".")[0])
+    try:
+        config = LoRAConfig(
+            r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+            targets=tuple(sorted(set(targets))), trainable=tuple(sorted(set(trainable))),
+            init="kaiming" if cfg.get("init_lora_weights", True) is True else "gaussian",
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptFileError(f"{path / PEFT_CONFIG} is not a usable LoRA config: {err!r}") from None
+    tied = {name for names in _tied(model).values() for name in names}
+    if tied & set(tensors):
+        raise LoRAError(f"{path} retrains {sorted(tied & set(tensors))}, a weight tied to another module here; "
+                        "PEFT unties it, lora_lab's GPT cannot.")
+    return _install(model, config, tensors, f"PEFT adapter {path}")

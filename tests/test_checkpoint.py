@@ -1,0 +1,81 @@
+import os
+
+import pytest
+import torch
+
+from lora_lab import GPT, CheckpointMismatchError, GPTConfig, load_checkpoint, save_checkpoint
+from lora_lab.files import CorruptFileError
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_round_trip_gives_identical_logits(tiny_config, tmp_path):
+    model = GPT(tiny_config).eval()
+    save_checkpoint(model, tmp_path / "ckpt", metadata={"note": "hi"})
+    loaded, meta = load_checkpoint(tmp_path / "ckpt", expected_config=tiny_config)
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    assert torch.equal(model(idx)[0], loaded.eval()(idx)[0])
+    assert meta == {"note": "hi"}
+    assert loaded.lm_head.weight is loaded.tok_emb.weight  # tying survives the round trip
+
+
+def test_files_are_safetensors_and_json_only(tiny_config, tmp_path):
+    save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
+    assert not any(name.startswith(".") for name in os.listdir(tmp_path))  # no temp files left behind
+
+
+def test_overwrite_replaces_the_whole_bundle(tiny_config, tmp_path):
+    first, second = GPT(tiny_config), GPT(tiny_config)
+    save_checkpoint(first, tmp_path / "ckpt")
+    save_checkpoint(second, tmp_path / "ckpt")
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(loaded.tok_emb.weight, second.tok_emb.weight)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_a_failed_write_leaves_the_old_checkpoint(tiny_config, tmp_path, monkeypatch):
+    save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
+    before = _snapshot(tmp_path / "ckpt")
+    import lora_lab.files as files
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
+    assert _snapshot(tmp_path / "ckpt") == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_wrong_config_is_refused(tiny_config, tmp_path):
+    save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
+    other = GPTConfig(**{**tiny_config.to_dict(), "n_embd": 64})
+    with pytest.raises(CheckpointMismatchError, match="n_embd: expected 64, checkpoint has 32"):
+        load_checkpoint(tmp_path / "ckpt", expected_config=other)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tiny_config, tmp_path):
+    save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
+    bigger = GPT(GPTConfig(**{**tiny_config.to_dict(), "n_layer": 3}))
+    save_checkpoint(bigger, tmp_path / "other")
+    # Put a 3-layer model's weights behind a 2-layer config.
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointMismatchError, match="unexpected"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_corrupt_files_are_named(tiny_config, tmp_path):
+    save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CorruptFileError, match="model.safetensors"):
+        load_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("{not json")
+    with pytest.raises(CorruptFileError, match="config.json"):
+        load_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_checkpoint(tmp_path / "nowhere")

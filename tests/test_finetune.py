@@ -1,0 +1,170 @@
+"""Fine-tuning with LoRA and in full, on a tiny GPT pretrained for a moment on a synthetic corpus."""
+import csv
+
+import pytest
+import torch
+
+from lora_lab import GPT, CharTokenizer, GPTConfig, LoRAConfig, TrainConfig, train
+from lora_lab.finetune import (
+    FINETUNE_DEFAULTS, compare_methods, encode_task, finetune, finetune_config, format_table, rank_sweep, task_losses,
+)
+from lora_lab.lora import LoRALinear, lora_layers
+from lora_lab.tasks import make_task, source_domain
+from test_tasks import write_synthetic_corpus
+
+EVAL = dict(eval_batch_size=16, eval_iters=8)  # small, fixed evaluation batches: fast and still comparable
+
+
+def quick(full: bool = False, **overrides) -> TrainConfig:
+    lr = 1e-3 if full else 5e-3
+    return finetune_config(full=full, **{"max_iters": 80, "learning_rate": lr, "device": "cpu", **overrides})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(base GPT, tokenizer, splits): a 2-layer GPT pretrained for 300 steps on the synthetic source domain."""
+    text = write_synthetic_corpus(tmp_path_factory.mktemp("data") / "input.txt", n_turns=1500).read_text()
+    a, b = int(len(text) * 0.9), int(len(text) * 0.95)
+    splits = {"train": text[:a], "validation": text[a:b], "test": text[b:]}
+    tokenizer = CharTokenizer.from_text(text)
+    source = source_domain(splits)
+    data = {k: torch.tensor(tokenizer.encode(v)) for k, v in source.items()}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    cfg = TrainConfig(max_iters=300, batch_size=16, learning_rate=3e-3, warmup_iters=10, eval_interval=300,
+                      eval_iters=2, device="cpu")
+    train(model, data["train"], data["validation"], cfg, progress=False)
+    return model, tokenizer, splits
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()]
+
+
+def test_finetune_never_changes_the_base(setup):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    weights, grads = snapshot(base)
+    modules = [type(m) for m in base.modules()]
+    for lora in (LoRAConfig(r=4, alpha=8.0), None):
+        res = finetune(base, task, tokenizer, lora, quick(lora is None, max_iters=20), progress=False, **EVAL)
+        assert res.model is not base
+    after_weights, after_grads = snapshot(base)
+    assert after_weights.keys() == weights.keys()
+    assert all(torch.equal(after_weights[k], weights[k]) for k in weights)
+    assert after_grads == grads and [type(m) for m in base.modules()] == modules
+    assert not lora_layers(base)
+
+
+def test_lora_lowers_the_target_loss_below_the_base(setup):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    res = finetune(base, task, tokenizer, LoRAConfig(r=4, alpha=8.0), quick(), progress=False, **EVAL)
+    # The base's losses are measured on the same fixed batches as the fine-tuned model's.
+    data = encode_task(task, tokenizer)
+    assert res.base_losses == task_losses(base, data, 16, 8)
+    assert res.losses == task_losses(res.model, data, 16, 8)
+    assert res.losses["target"] < res.base_losses["target"] - 0.3, (res.losses, res.base_losses)
+    # Only A and B trained: every pretrained weight of the fine-tuned copy is still the base's.
+    layers = lora_layers(res.model)
+    assert len(layers) == 2 * 4  # q, k, v, o in 2 blocks
+    assert res.trainable_params == sum(l.lora_A.numel() + l.lora_B.numel() for l in layers.values())
+    assert res.trainable_params == 8 * 4 * (32 + 32)  # 8 matrices of 32 x 32 at r = 4: r (d + k) each
+    base_state = base.state_dict()
+    for name, value in res.model.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(value, base_state[name.replace(".base.", ".")]), name
+    assert len(res.history.losses) == 80 and res.history.evals[-1]["iter"] == 80
+
+
+def test_full_finetuning_trains_every_parameter(setup):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    res = finetune(base, task, tokenizer, None, quick(full=True), progress=False, **EVAL)
+    assert res.method == "full" and res.lora is None
+    assert res.trainable_params == res.total_params == base.num_parameters()
+    assert all(p.requires_grad for p in res.model.parameters())
+    assert not any(isinstance(m, LoRALinear) for m in res.model.modules())
+    base_state = base.state_dict()
+    changed = {k for k, v in res.model.state_dict().items() if not torch.equal(v, base_state[k])}
+    assert changed == set(base_state)  # every tensor moved, the tied embedding/head included
+    assert res.losses["target"] < res.base_losses["target"]
+
+
+def test_same_seed_same_result_and_another_seed_differs(setup):
+    base, tokenizer, splits = setup
+    task = make_task("romeo_juliet", splits)
+    lora = LoRAConfig(r=2, alpha=4.0, targets=("q_proj", "v_proj"))
+    runs = [finetune(base, task, tokenizer, lora, quick(max_iters=25, seed=s), progress=False, **EVAL)
+            for s in (7, 7, 8)]
+    a, b, c = runs
+    assert a.history.losses == b.history.losses and a.losses == b.losses
+    state_a, state_b = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert c.history.losses != a.history.losses
+    assert a.base_losses == c.base_losses  # the evaluation batches do not depend on the training seed
+
+
+def test_compare_methods_table(setup):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    comp = compare_methods(base, task, tokenizer, LoRAConfig(r=2, alpha=4.0), quick(max_iters=30),
+                           quick(full=True, max_iters=30), progress=False, **EVAL)
+    assert [r["method"] for r in comp.rows] == ["base", "LoRA r=2", "full FT"]
+    base_row, lora_row, full_row = comp.rows
+    assert base_row["trainable_params"] == 0
+    assert full_row["trainable_params"] == base.num_parameters() and full_row["trainable_pct"] == 100.0
+    assert 0 < lora_row["trainable_params"] < full_row["trainable_params"]
+    assert lora_row["target_loss"] == comp.results["lora"].losses["target"]
+    assert base_row["target_loss"] == comp.results["full"].base_losses["target"]
+    text = comp.to_text()
+    assert "LoRA r=2" in text and "full FT" in text and f"{lora_row['target_loss']:.4f}" in text
+
+
+def test_rank_sweep_writes_a_table_and_a_plot(setup, tmp_path):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    out = tmp_path / "sweep"
+    sweep = rank_sweep(base, task, tokenizer, [1, 2, 4], ("q_proj", "v_proj"), None, quick(max_iters=15), out,
+                       progress=False, **EVAL)
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.csv", "sweep.png"]  # no temporary files left
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in rows] == [1, 2, 4]
+    assert {float(r["alpha"]) for r in rows} == {1.0}  # alpha is the first rank, then fixed
+    params = [int(r["trainable_params"]) for r in rows]
+    assert params == [r * 4 * (32 + 32) for r in (1, 2, 4)]  # q and v in 2 blocks: r (d + k) each
+    sizes = [int(r["adapter_bytes"]) for r in rows]
+    assert sizes[0] < sizes[1] < sizes[2]
+    assert [float(r["target_loss"]) for r in rows] == pytest.approx([r["target_loss"] for r in sweep.rows])
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sweep.files == {"csv": out / "sweep.csv", "png": out / "sweep.png"}
+
+
+def test_bad_input_is_refused_before_any_work(setup, tmp_path):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    with pytest.raises(ValueError, match="ranks must be"):
+        rank_sweep(base, task, tokenizer, [2, 0], out_dir=tmp_path / "sweep", progress=False)
+    with pytest.raises(ValueError, match="rank"):
+        rank_sweep(base, task, tokenizer, [2, 64], out_dir=tmp_path / "sweep", progress=False)  # r > d
+    assert not (tmp_path / "sweep").exists()
+    with pytest.raises(ValueError, match="vocab_size"):
+        finetune(base, task, CharTokenizer("abc"), progress=False)
+    with pytest.raises(TypeError, match="Task"):
+        finetune(base, "shout", tokenizer, progress=False)
+    with pytest.raises(ValueError, match="Unknown device"):
+        finetune(base, task, tokenizer, train_config=quick(device="tpu"), progress=False)
+
+
+def test_finetune_config_defaults_and_short_runs():
+    assert finetune_config() == FINETUNE_DEFAULTS["lora"]
+    assert finetune_config(full=True).learning_rate < finetune_config().learning_rate
+    short = finetune_config(max_iters=20)
+    assert short.max_iters == 20 and short.warmup_iters == 2 and short.eval_interval == 3
+    assert finetune_config(max_iters=20, warmup_iters=0).warmup_iters == 0
+
+
+def test_format_table():
+    text = format_table([{"a": 1, "b": 0.5}, {"a": 22, "b": None}])
+    assert text.splitlines() == ["| a  | b      |", "| -- | ------ |", "| 1  | 0.5000 |", "| 22 | -      |"]

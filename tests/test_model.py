@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from lora_lab import GPT, GPTConfig
+from lora_lab.model import count_parameters_formula
+
+
+def test_logits_and_loss_shapes(tiny_config):
+    model = GPT(tiny_config)
+    idx = torch.randint(0, tiny_config.vocab_size, (3, 10))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 10, tiny_config.vocab_size) and loss is None
+    _, loss = model(idx, idx)
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+def test_initial_loss_is_near_uniform(tiny_config):
+    model = GPT(tiny_config)
+    idx = torch.randint(0, tiny_config.vocab_size, (8, 16))
+    targets = torch.randint(0, tiny_config.vocab_size, (8, 16))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - torch.log(torch.tensor(17.0)).item()) < 0.3
+
+
+def test_changing_a_future_token_never_changes_earlier_logits(tiny_config):
+    model = GPT(tiny_config).eval()
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    for t in (3, 9, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % tiny_config.vocab_size
+        a, _ = model(idx)
+        b, _ = model(changed)
+        assert torch.equal(a[:, :t], b[:, :t])
+        assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GPTConfig(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=32),
+        GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),
+        GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384),
+        GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=4, n_embd=16, bias=True),
+    ],
+)
+def test_parameter_count_matches_the_formula(config):
+    model = GPT(config)
+    assert model.num_parameters() == count_parameters_formula(config)
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_the_10_65m_config_has_10_65m_parameters():
+    config = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)
+    assert round(GPT(config).num_parameters() / 1e6, 2) == 10.75  # 10.65M excluding position embeddings
+    assert round((GPT(config).num_parameters() - 256 * 384) / 1e6, 2) == 10.65
+
+
+def test_head_is_tied_to_the_embedding(tiny_config):
+    model = GPT(tiny_config)
+    assert model.lm_head.weight is model.tok_emb.weight
+
+
+def test_attention_has_separate_q_k_v_o(tiny_config):
+    names = {n for n, m in GPT(tiny_config).named_modules() if isinstance(m, torch.nn.Linear)}
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert f"blocks.0.attn.{proj}" in names
+    assert "blocks.1.mlp.up_proj" in names and "blocks.1.mlp.down_proj" in names
+
+
+def test_a_tiny_model_overfits_one_batch(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    x = torch.randint(0, tiny_config.vocab_size, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_generate_extends_and_is_seeded(tiny_config):
+    model = GPT(tiny_config).eval()
+    idx = torch.zeros((2, 1), dtype=torch.long)
+    a = model.generate(idx, 30, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = model.generate(idx, 30, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 31) and torch.equal(a, b)
+    assert int(a.max()) < tiny_config.vocab_size
+
+
+def test_top_k_one_is_greedy(tiny_config):
+    model = GPT(tiny_config).eval()
+    idx = torch.zeros((1, 1), dtype=torch.long)
+    out = model.generate(idx, 5, top_k=1)
+    logits, _ = model(out[:, :-1])
+    assert torch.equal(out[0, 1:], logits[0].argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_layer": -1}, "n_layer must be a positive integer"),
+        ({"n_embd": 0}, "n_embd must be a positive integer"),
+        ({"vocab_size": 2.5}, "vocab_size must be a positive integer"),
+        ({"n_embd": 30, "n_head": 4}, "n_embd=30 must be divisible by n_head=4"),
+        ({"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**kwargs)
+
+
+def test_too_long_input_and_bad_sampling_args(tiny_config):
+    model = GPT(tiny_config)
+    with pytest.raises(ValueError, match="exceeds block_size 16"):
+        model(torch.zeros((1, 17), dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros((1, 1), dtype=torch.long), 2, temperature=0)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(torch.zeros((1, 1), dtype=torch.long), 2, top_k=0)
+
+
+def test_config_round_trip_and_fingerprint(tiny_config):
+    assert GPTConfig.from_dict(tiny_config.to_dict()) == tiny_config
+    assert tiny_config.fingerprint() == GPTConfig.from_dict(tiny_config.to_dict()).fingerprint()
+    assert tiny_config.fingerprint() != GPTConfig(**{**tiny_config.to_dict(), "n_layer": 3}).fingerprint()
+    with pytest.raises(ValueError, match="Unknown GPTConfig field"):
+        GPTConfig.from_dict({**tiny_config.to_dict(), "n_layers": 3})

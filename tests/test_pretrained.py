@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from lora_lab import GPTConfig, TrainConfig, pretrained_base
+from lora_lab.pretrained import cache_dir
+
+TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
+FAST = TrainConfig(max_iters=20, batch_size=4, eval_interval=10, eval_iters=2, warmup_iters=2, device="cpu")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    # A small corpus in tiny-shakespeare's shape: speeches separated by blank lines.
+    speeches = [f"SPEAKER {i % 3}:\nWords of speech number {i}, said plainly.\n" for i in range(300)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(speeches))
+    return path
+
+
+def test_first_call_trains_later_calls_load_the_same_model(tmp_path, text_file):
+    kwargs = dict(model_config=TINY, train_config=FAST, data_source=text_file, cache=tmp_path / "c", progress=False)
+    first = pretrained_base(**kwargs)
+    second = pretrained_base(**kwargs)
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert first.path == second.path and first.path.parent == tmp_path / "c"
+    idx = torch.randint(0, first.model.config.vocab_size, (2, 16))
+    assert torch.equal(first.model(idx)[0], second.model(idx)[0])
+    assert second.history["evals"] == first.history["evals"]
+
+
+def test_a_changed_config_or_corpus_never_loads_a_stale_model(tmp_path, text_file):
+    kwargs = dict(model_config=TINY, data_source=text_file, cache=tmp_path / "c", progress=False)
+    base = pretrained_base(train_config=FAST, **kwargs)
+    longer = pretrained_base(train_config=TrainConfig(**{**FAST.to_dict(), "max_iters": 21}), **kwargs)
+    assert not longer.from_cache and longer.path != base.path
+    text_file.write_text(text_file.read_text() + "\n\nSPEAKER 9:\nA new speech.\n")
+    changed = pretrained_base(train_config=FAST, **kwargs)
+    assert not changed.from_cache and changed.path not in (base.path, longer.path)
+
+
+def test_vocab_size_follows_the_corpus(tmp_path, text_file):
+    pre = pretrained_base(model_config=TINY, train_config=FAST, data_source=text_file, cache=tmp_path, progress=False)
+    assert pre.model.config.vocab_size == pre.dataset.tokenizer.vocab_size == len(set(text_file.read_text()))
+
+
+def test_cache_location_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_LAB_CACHE", str(tmp_path / "x"))
+    assert cache_dir() == tmp_path / "x"
+    assert cache_dir(tmp_path / "y") == tmp_path / "y"
+    monkeypatch.delenv("LORA_LAB_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "lora_lab"
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="Unknown preset 'huge'"):
+        pretrained_base("huge")

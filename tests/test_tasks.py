@@ -1,0 +1,88 @@
+"""The fine-tuning tasks: deterministic, leak-free splits of tiny-shakespeare.
+
+They run on the real dataset ($LORA_LAB_DATA); without it, on a small synthetic corpus in the same
+"SPEAKER:\\nlines\\n\\n" shape, so the tests never need the network.
+"""
+import os
+import random
+import string
+from collections import Counter
+
+import pytest
+
+from lora_lab import load_splits
+from lora_lab.tasks import (
+    ROMEO_JULIET_CAST, make_task, partition_by_speaker, source_domain, speaker_of, split_turns,
+)
+
+
+def write_synthetic_corpus(path, n_turns: int = 3000, seed: int = 0):
+    """A Shakespeare-shaped text: speeches by Romeo and Juliet's cast and by others, every letter in both cases."""
+    rng = random.Random(seed)
+    speakers = ["ROMEO", "JULIET", "Nurse", "First Citizen", "KING RICHARD III", "GLOUCESTER", "MENENIUS"]
+    words = "the and of love night fair sword king crown death lord my thy thee heaven quick zeal joy vex".split()
+    turns = ["ALPHABET:\n" + string.ascii_letters + " .,;:!?'-"]
+    for _ in range(n_turns):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + rng.choice(".,!?;")
+                 for _ in range(rng.randint(1, 3))]
+        turns.append(rng.choice(speakers) + ":\n" + "\n".join(lines))
+    path.write_text("\n\n".join(turns) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    source = os.environ.get("LORA_LAB_DATA") or write_synthetic_corpus(tmp_path_factory.mktemp("data") / "input.txt")
+    return load_splits(source)
+
+
+def test_tasks_are_deterministic(splits):
+    for name in ("romeo_juliet", "shout"):
+        assert make_task(name, splits) == make_task(name, dict(splits))
+
+
+def test_romeo_juliet_speeches_are_absent_from_the_source_domain(splits):
+    source = source_domain(splits)
+    speakers = [speaker_of(t) for t in split_turns(source["train"])]
+    assert speakers and not set(speakers) & ROMEO_JULIET_CAST
+    task = make_task("romeo_juliet", splits)
+    # Every speech of the train split is in exactly one of the two: nothing lost, nothing left behind.
+    assert Counter(split_turns(task.train + task.validation)) + Counter(split_turns(source["train"])) == Counter(
+        split_turns(splits["train"])
+    )
+    held = {speaker_of(t) for t in split_turns(task.train + task.validation)}
+    assert held <= ROMEO_JULIET_CAST and {"ROMEO", "JULIET"} <= held
+    assert source["validation"] == splits["validation"] == task.source_validation
+
+
+def test_romeo_juliet_validation_does_not_overlap_its_train(splits):
+    task = make_task("romeo_juliet", splits)
+    held, _ = partition_by_speaker(splits["train"], ROMEO_JULIET_CAST)
+    assert task.train + task.validation == held  # a clean cut between speeches
+    assert task.train.endswith("\n\n") and speaker_of(split_turns(task.validation)[0]) in ROMEO_JULIET_CAST
+    assert 0.05 < len(task.validation) / len(held) < 0.15
+    # No long validation speech appears verbatim in the train text (short ones like "Ay." may repeat).
+    train_turns = set(split_turns(task.train))
+    long_val = [t for t in split_turns(task.validation) if len(t) > 120]
+    assert long_val and not [t for t in long_val if t in train_turns]
+
+
+def test_shout_is_exactly_the_source_domain_in_upper_case(splits):
+    task = make_task("shout", splits)
+    source = source_domain(splits)
+    assert task.train == source["train"].upper()
+    assert task.validation == source["validation"].upper()
+    assert task.source_validation == source["validation"]
+    assert task.train != source["train"]  # the rewrite really changes the text
+
+
+def test_every_task_character_is_in_the_dataset_vocabulary(splits):
+    vocab = set("".join(splits.values()))
+    for name in ("romeo_juliet", "shout"):
+        task = make_task(name, splits)
+        assert set(task.train + task.validation + task.source_validation) <= vocab
+
+
+def test_unknown_task_is_a_clear_error(splits):
+    with pytest.raises(ValueError, match="Unknown task 'hamlet'.*romeo_juliet.*shout"):
+        make_task("hamlet", splits)
