@@ -10,14 +10,19 @@ checker never raises because of the learner's code; an exception becomes a faile
 """
 from __future__ import annotations
 
+import copy
 import math
+import tempfile
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.nn as nn
 
+from .lora import LoRAConfig, LoRALinear, apply_lora, save_adapter
 from .model import GPT, GPTConfig
-from .widgets import eckart_young_error, transformer_lora_params
+from .widgets import SettingResult, eckart_young_error, transformer_lora_params
 
 
 @dataclass
@@ -191,4 +196,195 @@ def check_count_parameters(count_parameters) -> CheckReport:
             if got == expected + config.vocab_size * config.n_embd:
                 hint = " (lm_head shares its weight with tok_emb: count it once)"
             report.check(got == expected, f"{case}: {expected:,}", f"{case}: got {got!r}, expected {expected:,}{hint}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 4
+
+
+def _lora_factors(layer):
+    for a, b in (("lora_A", "lora_B"), ("A", "B")):
+        if isinstance(getattr(layer, a, None), torch.Tensor) and isinstance(getattr(layer, b, None), torch.Tensor):
+            return getattr(layer, a), getattr(layer, b)
+    return None
+
+
+def check_lora_layer(lora_class) -> CheckReport:
+    """lora_class(base: nn.Linear, r, alpha): frozen base + (alpha / r) * B @ A, compared with LoRALinear."""
+    report = CheckReport(f"{getattr(lora_class, '__name__', 'LoRA layer')}(base, r, alpha)")
+    gen = torch.Generator().manual_seed(0)
+    for k, d, r, alpha, bias in ((32, 16, 4, 8.0, False), (12, 20, 2, 1.0, True)):
+        case = f"k={k}, d={d}, r={r}, alpha={alpha}{', with bias' if bias else ''}"
+        with torch.random.fork_rng():  # the learner's init must not shift the notebook's random numbers
+            torch.manual_seed(0)
+            base = nn.Linear(k, d, bias=bias)
+            reference_base = copy.deepcopy(base)
+            ok, layer = _call(report, case, lora_class, base, r, alpha)
+        if not ok:
+            continue
+        factors = _lora_factors(layer)
+        if not report.require(factors is not None, f"{case}: no A/B (or lora_A/lora_B) tensors found on the layer"):
+            continue
+        A, B = factors
+        if not report.require(
+            tuple(A.shape) == (r, k) and tuple(B.shape) == (d, r),
+            f"{case}: A is {tuple(A.shape)} and B {tuple(B.shape)}; expected A {(r, k)} and B {(d, r)}",
+        ):
+            continue
+        trainable = {id(p) for p in layer.parameters() if p.requires_grad}
+        report.check(
+            trainable == {id(A), id(B)},
+            f"{case}: only A and B are trainable",
+            f"{case}: trainable tensors should be exactly A and B (is the base weight frozen? are A, B nn.Parameters?)",
+        )
+        x = torch.randn(6, k, generator=gen)
+        ok, out = _call(report, f"{case}: forward", layer, x)
+        if not ok:
+            continue
+        report.check(
+            torch.allclose(out, reference_base(x), atol=1e-6),
+            f"{case}: at initialisation it computes exactly the base layer",
+            f"{case}: at initialisation the output differs from the base layer's (B should start at zero)",
+        )
+        with torch.random.fork_rng():
+            reference = LoRALinear(reference_base, r, alpha)
+        with torch.no_grad():
+            A.copy_(torch.randn(r, k, generator=gen))
+            B.copy_(torch.randn(d, r, generator=gen))
+            reference.lora_A.copy_(A)
+            reference.lora_B.copy_(B)
+        ok, out = _call(report, f"{case}: forward", layer, x)
+        if not ok:
+            continue
+        expected = reference(x)
+        if not report.check(
+            torch.allclose(out, expected, atol=1e-5),
+            f"{case}: with the same A and B, the same output as lora_lab.LoRALinear",
+            f"{case}: with the same A and B the output differs from lora_lab.LoRALinear by "
+            f"{(out - expected).abs().max().item():.3g} (is the branch scaled by alpha / r?)",
+        ):
+            continue
+        ok, _ = _call(report, f"{case}: backward", lambda: out.square().sum().backward())
+        if not ok:
+            continue
+        expected.square().sum().backward()
+        report.check(
+            A.grad is not None and B.grad is not None
+            and torch.allclose(A.grad, reference.lora_A.grad, atol=1e-4)
+            and torch.allclose(B.grad, reference.lora_B.grad, atol=1e-4),
+            f"{case}: the same gradients for A and B",
+            f"{case}: the gradients of A and B differ from lora_lab.LoRALinear's",
+        )
+    return report
+
+
+def check_merged_weight(merged_weight) -> CheckReport:
+    """merged_weight(layer: LoRALinear) -> the (d, k) weight of a plain nn.Linear computing the same."""
+    report = CheckReport("merged_weight(layer)")
+    gen = torch.Generator().manual_seed(0)
+    for k, d, r, alpha, bias in ((16, 8, 2, 4.0, False), (10, 24, 4, 16.0, True)):
+        case = f"k={k}, d={d}, r={r}, alpha={alpha}"
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            layer = LoRALinear(nn.Linear(k, d, bias=bias), r, alpha)
+        with torch.no_grad():
+            layer.lora_B.copy_(torch.randn(d, r, generator=gen))
+        before = {n: t.detach().clone() for n, t in layer.state_dict().items()}
+        ok, W = _call(report, case, merged_weight, layer)
+        if not ok:
+            continue
+        if not report.require(isinstance(W, torch.Tensor) and tuple(W.shape) == (d, k),
+                              f"{case}: should return a ({d}, {k}) tensor, got {getattr(W, 'shape', type(W).__name__)}"):
+            continue
+        x = torch.randn(5, k, generator=gen)
+        with torch.no_grad():
+            plain = torch.nn.functional.linear(x, W, layer.base.bias)
+            report.check(
+                torch.allclose(plain, layer(x), atol=1e-5),
+                f"{case}: a plain Linear with this weight computes what the LoRA layer computes",
+                f"{case}: a plain Linear with this weight differs from the LoRA layer (W0 + (alpha / r) * B @ A?)",
+            )
+        unchanged = all(torch.equal(before[n], t) for n, t in layer.state_dict().items())
+        report.check(unchanged, f"{case}: the layer itself is left unchanged",
+                     f"{case}: merged_weight changed the layer's tensors; it should only compute a new one")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 5
+
+
+def check_training_bytes(training_bytes) -> CheckReport:
+    """training_bytes(n_frozen, n_trainable) -> fp32 bytes of weights, gradients and AdamW's two moments."""
+    report = CheckReport("training_bytes(n_frozen, n_trainable)")
+    for n_frozen, n_trainable in ((0, 1000), (800_000, 16_384), (175_000_000_000, 0), (10, 10)):
+        expected = 4 * (n_frozen + n_trainable) + 4 * n_trainable + 8 * n_trainable
+        case = f"n_frozen={n_frozen:,}, n_trainable={n_trainable:,}"
+        ok, got = _call(report, case, training_bytes, n_frozen, n_trainable)
+        if not ok:
+            continue
+        hint = ""
+        if got == 4 * (n_frozen + n_trainable) + 4 * (n_frozen + n_trainable) + 8 * (n_frozen + n_trainable):
+            hint = " (frozen weights get no gradient and no optimizer state)"
+        elif got == 4 * (n_frozen + n_trainable) + 8 * n_trainable:
+            hint = " (each trainable weight also has a gradient)"
+        report.check(got == expected, f"{case}: {expected:,} bytes", f"{case}: got {got!r}, expected {expected:,}{hint}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 6
+
+
+def _safetensors_payload(path) -> int:
+    """Bytes of tensor data in a .safetensors file: the file minus its 8-byte length and JSON header."""
+    raw = Path(path).read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    return len(raw) - 8 - header
+
+
+def check_adapter_payload(adapter_payload) -> CheckReport:
+    """adapter_payload(config: GPTConfig, lora: LoRAConfig) -> bytes of tensor data save_adapter writes (fp32)."""
+    report = CheckReport("adapter_payload(config, lora)")
+    cases = [
+        (GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16), LoRAConfig(r=2, targets=("q_proj",))),
+        (GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=32),
+         LoRAConfig(r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj"))),
+        (GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8), LoRAConfig(r=1, targets=("up_proj", "down_proj"))),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (config, lora) in enumerate(cases):
+            case = f"{config.n_layer} layers, n_embd {config.n_embd}, r={lora.r}, targets {list(lora.targets)}"
+            with torch.random.fork_rng():
+                model = apply_lora(GPT(config), lora)
+            path = save_adapter(model, Path(tmp) / f"adapter{i}")
+            expected = _safetensors_payload(path / "adapter_model.safetensors")
+            ok, got = _call(report, case, adapter_payload, config, lora)
+            if ok:
+                report.check(got == expected, f"{case}: {expected:,} bytes, as measured in the saved file",
+                             f"{case}: got {got!r}; the saved file holds {expected:,} bytes of tensors")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 7
+
+
+def check_best_setting(best_setting) -> CheckReport:
+    """best_setting(results, budget) -> the result with the lowest target_loss among those whose
+    optimizer_bytes <= budget (None if none fits). results: a list of widgets.SettingResult."""
+    report = CheckReport("best_setting(results, budget)")
+
+    def point(r, memory, loss):
+        return SettingResult(r, ("Wq", "Wv"), memory // 12, memory // 3, memory, loss, 2.0)
+
+    results = [point(1, 1_200, 2.10), point(4, 4_800, 1.95), point(16, 19_200, 1.97), point(None, 9_600_000, 1.90)]
+    for budget, expected in ((1_000, None), (1_200, results[0]), (10_000, results[1]), (20_000, results[1]),
+                             (10**9, results[3])):
+        ok, got = _call(report, f"budget {budget:,} bytes", best_setting, list(results), budget)
+        if ok:
+            want = "None" if expected is None else expected.label
+            report.check(got == expected, f"budget {budget:,} bytes: {want}",
+                         f"budget {budget:,} bytes: got {getattr(got, 'label', got)!r}, expected {want}")
     return report

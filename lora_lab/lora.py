@@ -130,7 +130,9 @@ class LoRALinear(nn.Module):
             return out
         # Two thin matmuls (..., k) -> (..., r) -> (..., d): the d x k matrix B @ A is never formed, and
         # the frozen base weight gets no weight-gradient matmul (autograd skips it: requires_grad=False).
-        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+        # scale multiplies the r-wide intermediate rather than the d-wide output: same math, r/d the work.
+        h = F.linear(self.lora_dropout(x), self.lora_A) * self.scale  # (..., r)
+        return out + F.linear(h, self.lora_B)  # (..., d)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scale * B @ A as a (d, k) fp32 matrix: for merging and analysis, never used in training."""
@@ -442,7 +444,7 @@ def _install(model: nn.Module, config: LoRAConfig, tensors: dict, source: str) -
             apply_lora(model, config)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for n, layer in lora_layers(model).items():
+        for layer in lora_layers(model).values():  # an adapted model takes the adapter's alpha and dropout
             layer.alpha = float(config.alpha)
             layer.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         for n, t in tensors.items():
@@ -524,10 +526,13 @@ class AdapterBank:
         else:
             config, tensors = _read_adapter(source, self.model)
         _check_tensors(tensors, _expected_shapes(self.model, config), f"Adapter {name!r}")
+        extra = [n for n in tensors if not n.endswith((".lora_A", ".lora_B")) and n not in self._base_values]
+        if extra and source is self.model:
+            raise LoRAError(f"The bank's own model trained {extra[:4]} in full, so their base values are lost; "
+                            "train adapters with `trainable` modules on a copy of the base.")
         params = dict(self.model.named_parameters())
-        for n in tensors:
-            if not n.endswith((".lora_A", ".lora_B")) and n not in self._base_values:
-                self._base_values[n] = params[n].detach().clone()  # a `trainable` weight: keep the base value
+        for n in extra:  # a `trainable` weight: keep its base value to restore when switching away
+            self._base_values[n] = params[n].detach().clone()
         device = next(self.model.parameters()).device
         self._adapters[name] = (config, {n: t.detach().to(device).clone() for n, t in tensors.items()})
 

@@ -15,15 +15,19 @@ notebook cell prints the same text whether or not a front end is attached (which
 from __future__ import annotations
 
 import base64
+import html
 import io
 import math
-from dataclasses import replace
+from dataclasses import dataclass, fields
 
 import ipywidgets as W
 import torch
 from matplotlib.figure import Figure
 
+from .finetune import finetune
+from .lora import LoRAConfig
 from .model import GPT, GPTConfig, count_parameters_formula
+from .train import TrainConfig, autocast_for, make_optimizer
 
 # ----------------------------------------------------------------------------------------------------
 # Formatting and drawing helpers
@@ -154,15 +158,15 @@ class LowRankExplorer(_Widget):
     def _draw(self) -> None:
         fig = Figure(figsize=(9, 3.2))
         left, right = fig.subplots(1, 2)
-        shown = self.approximation.float()
+        shown = self.approximation.float().numpy()
         if self.as_image:
-            left.imshow(shown.clamp(0, 1), cmap="gray", vmin=0, vmax=1)
+            left.imshow(shown.clip(0, 1), cmap="gray", vmin=0, vmax=1)
         else:
             left.imshow(shown, cmap="RdBu_r")
         left.set_title(f"{self.name} at rank {self.r}")
         left.axis("off")
-        index = torch.arange(1, len(self.S) + 1)
-        sigma = self.S.clamp_min(self.S[0] * 1e-12)  # exact zeros cannot go on a log axis
+        index = list(range(1, len(self.S) + 1))
+        sigma = self.S.clamp_min(self.S[0] * 1e-12).tolist()  # exact zeros cannot go on a log axis
         right.semilogy(index, sigma, ".-", color="0.6", label="dropped")
         right.semilogy(index[: self.r], sigma[: self.r], "o", color="C0", label="kept")
         right.axvline(self.r + 0.5, color="C3", linestyle="--")
@@ -380,3 +384,357 @@ class SampleExplorer(_Widget):
             f"SampleExplorer(temperature {self.temperature.value:g}, top-k {self.top_k.value or 'off'}, "
             f"seed {self.seed.value}, {len(self.text)} characters)"
         )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 4: base vs LoRA vs full fine-tuning
+
+
+class SampleComparer(_Widget):
+    """Several models, one prompt and seed: `texts` maps each model's name to its seeded sample."""
+
+    def __init__(self, models: dict[str, GPT], tokenizer, prompt: str = "ROMEO:\n", length: int = 200, seed: int = 0):
+        if not models:
+            raise ValueError("SampleComparer needs at least one model.")
+        self.models, self.tokenizer = dict(models), tokenizer
+        self.prompt = W.Text(value=prompt, description="prompt")
+        self.seed = W.IntText(value=seed, description="seed")
+        self.temperature = W.FloatSlider(value=0.8, min=0.1, max=2.0, step=0.05, description="temperature",
+                                         continuous_update=False)
+        self.length = W.IntSlider(value=length, min=10, max=600, step=10, description="length",
+                                  continuous_update=False)
+        self.table = W.HTML()
+        self.error = ""
+        self.widget = W.VBox([self.prompt, self.seed, self.temperature, self.length, self.table])
+        for control in (self.prompt, self.seed, self.temperature, self.length):
+            control.observe(self._update, names="value")
+        self._update()
+
+    def _update(self, change=None) -> None:
+        try:
+            self.texts = {
+                name: sample_text(model, self.tokenizer, self.prompt.value, self.length.value,
+                                  self.temperature.value, None, self.seed.value)
+                for name, model in self.models.items()
+            }
+            self.error = ""
+        except ValueError as err:
+            self.texts, self.error = {}, str(err)
+            self.table.value = f"<b>{html.escape(self.error)}</b>"
+            return
+        columns = "".join(
+            f"<td style='vertical-align:top'><b>{html.escape(name)}</b><pre>{html.escape(self.prompt.value + text)}</pre></td>"
+            for name, text in self.texts.items()
+        )
+        self.table.value = f"<table><tr>{columns}</tr></table>"
+
+    def summary(self) -> str:
+        return f"SampleComparer({', '.join(self.models)}; seed {self.seed.value}, temperature {self.temperature.value:g})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 5: training memory, counted from the tensors themselves
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes one training step keeps alive, counted tensor by tensor (not a process-level measurement).
+
+    activations: tensors autograd saved for the backward pass (parameters excluded, shared storage counted
+    once); gradients: the .grad of every trainable parameter; optimizer: every tensor in the optimizer state.
+    """
+
+    frozen_weights: int
+    trainable_weights: int
+    activations: int
+    gradients: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.frozen_weights + self.trainable_weights + self.activations + self.gradients + self.optimizer
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def count_training_memory(model: GPT, x: torch.Tensor, y: torch.Tensor, train_config: TrainConfig | None = None) -> TrainingMemory:
+    """Run one real AdamW step of `model` on (x, y) and count the bytes of what it allocated.
+
+    The step changes the model (it trains it), so pass a copy if the model matters afterwards.
+    """
+    cfg = train_config or TrainConfig()
+    params = list(model.parameters())  # unique: a tied weight is listed once
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    saved: dict[int, int] = {}  # storage address -> bytes
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y)
+    loss.backward()
+    optimizer.step()
+    trainable = [p for p in params if p.requires_grad]
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    memory = TrainingMemory(
+        frozen_weights=sum(_nbytes(p) for p in params if not p.requires_grad),
+        trainable_weights=sum(_nbytes(p) for p in trainable),
+        activations=sum(saved.values()),
+        gradients=sum(_nbytes(p.grad) for p in trainable if p.grad is not None),
+        optimizer=sum(_nbytes(t) for t in state),
+    )
+    optimizer.zero_grad(set_to_none=True)
+    return memory
+
+
+def cuda_peak_training_memory(model: GPT, x: torch.Tensor, y: torch.Tensor, train_config: TrainConfig | None = None,
+                              steps: int = 2) -> int:
+    """Peak bytes torch.cuda.max_memory_allocated reports over `steps` AdamW steps (bf16 autocast as in training).
+
+    The model and batch must already be on the GPU; the peak includes the model's weights.
+    """
+    if x.device.type != "cuda":
+        raise ValueError("cuda_peak_training_memory needs the model and the batch on a CUDA device.")
+    cfg = train_config or TrainConfig()
+    device = x.device
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(steps):  # the first step allocates AdamW's state; the second runs with it in place
+        with autocast_for(device, cfg.bf16):
+            _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 6: one base, many adapters
+
+
+class AdapterSwitcher(_Widget):
+    """Pick an adapter of an AdapterBank (or none); `text` is the seeded sample of the resulting model."""
+
+    BASE = "(base model, no adapter)"
+
+    def __init__(self, bank, tokenizer, prompt: str = "ROMEO:\n", length: int = 200, seed: int = 0):
+        self.bank, self.tokenizer = bank, tokenizer
+        self.adapter = W.Dropdown(options=[self.BASE] + bank.names, value=bank.active or self.BASE,
+                                  description="adapter")
+        self.prompt = W.Text(value=prompt, description="prompt")
+        self.seed = W.IntText(value=seed, description="seed")
+        self.length = W.IntSlider(value=length, min=10, max=600, step=10, description="length",
+                                  continuous_update=False)
+        self.output = W.Textarea(layout=W.Layout(width="100%", height="14em"), disabled=True)
+        self.error = ""
+        self.widget = W.VBox([self.adapter, self.prompt, self.seed, self.length, self.output])
+        self.adapter.observe(self._switch, names="value")
+        for control in (self.prompt, self.seed, self.length):
+            control.observe(self._update, names="value")
+        self._update()
+
+    def _switch(self, change=None) -> None:
+        if self.adapter.value == self.BASE:
+            self.bank.disable()
+        else:
+            self.bank.activate(self.adapter.value)
+        self._update()
+
+    def _update(self, change=None) -> None:
+        self.active = self.bank.active
+        try:
+            self.text = sample_text(self.bank.model, self.tokenizer, self.prompt.value, self.length.value,
+                                    seed=self.seed.value)
+            self.error = ""
+            self.output.value = self.prompt.value + self.text
+        except ValueError as err:
+            self.text, self.error = "", str(err)
+            self.output.value = f"[{err}]"
+
+    def summary(self) -> str:
+        return f"AdapterSwitcher({len(self.bank.names)} adapters; active: {self.active or 'none'})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 7: the rank explorer dashboard
+
+# The matrices a LoRA setting can adapt, by the paper's names.
+TARGET_GROUPS = {"Wq": ("q_proj",), "Wk": ("k_proj",), "Wv": ("v_proj",), "Wo": ("o_proj",),
+                 "MLP": ("up_proj", "down_proj")}
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class SettingResult:
+    """One point of the dashboard: a LoRA setting (or full fine-tuning, r=None) and what it cost and reached."""
+
+    r: int | None
+    groups: tuple[str, ...]
+    trainable_params: int
+    adapter_bytes: int  # fp32 tensors the setting saves: A and B (the whole model for full fine-tuning)
+    optimizer_bytes: int  # what training adds per trainable weight: its gradient and AdamW's two moments
+    target_loss: float
+    source_loss: float
+
+    @property
+    def label(self) -> str:
+        return "full FT" if self.r is None else f"r={self.r} {'+'.join(self.groups)}"
+
+
+class RankDashboard(_Widget):
+    """Rank and target matrices in; trainable parameters, adapter size, optimizer memory and quality out.
+
+    Quality is the target-domain validation loss after a short fine-tune, computed once per setting and
+    cached, so moving a control back to a setting already seen is instant (`from_cache` tells which).
+    `evaluate(lora_config_or_None) -> {"target": loss, "source": loss}` does the fine-tuning; by default it
+    is `finetune.finetune` with `train_config`, without a progress bar.
+    """
+
+    def __init__(self, base_model: GPT, task=None, tokenizer=None, train_config: TrainConfig | None = None,
+                 ranks=(1, 2, 4, 8, 16), r: int = 4, groups=("Wq", "Wv"), alpha: float = 16.0,
+                 evaluate=None, include_full: bool = True):
+        ranks = sorted(set(ranks))
+        if r not in ranks:
+            raise ValueError(f"The starting rank r={r} is not one of the ranks {ranks}.")
+        unknown = set(groups) - set(TARGET_GROUPS)
+        if unknown:
+            raise ValueError(f"Unknown target group(s) {sorted(unknown)}; choose from {list(TARGET_GROUPS)}.")
+        if evaluate is None and (task is None or tokenizer is None):
+            raise ValueError("RankDashboard needs a task and a tokenizer to fine-tune (or an evaluate function).")
+        self.base_model, self.task, self.tokenizer = base_model, task, tokenizer
+        self.train_config = train_config
+        # alpha stays fixed while r changes, as in the paper: with Adam, the size of the update B @ A then
+        # hardly depends on r, so every rank gets a fair comparison at one learning rate.
+        self.alpha = float(alpha)
+        self._evaluate = evaluate or self._finetune
+        self._base_losses = None
+        self.results: dict[tuple, SettingResult] = {}
+        self.fine_tunes = 0  # how many times evaluate ran (cache misses)
+        self.from_cache = False
+        self.error = ""
+        self.base_params = base_model.num_parameters()
+        self.rank = W.SelectionSlider(options=ranks, value=r, description="rank r", continuous_update=False)
+        self.targets = W.SelectMultiple(options=list(TARGET_GROUPS), value=tuple(groups), description="targets",
+                                        rows=len(TARGET_GROUPS))
+        self.numbers = W.HTML()
+        self.plot = W.Output()
+        self.widget = W.VBox([W.HBox([self.rank, self.targets]), self.numbers, self.plot])
+        if include_full:
+            self.full = self._result(None, ())
+        else:
+            self.full = None
+        self.rank.observe(self._update, names="value")
+        self.targets.observe(self._update, names="value")
+        self._update()
+
+    # --- computing one setting -------------------------------------------------------------------
+
+    def lora_config(self, r: int, groups) -> LoRAConfig:
+        targets = tuple(t for g in TARGET_GROUPS if g in groups for t in TARGET_GROUPS[g])
+        return LoRAConfig(r=r, alpha=self.alpha, targets=targets)
+
+    def _finetune(self, lora: LoRAConfig | None) -> dict[str, float]:
+        res = finetune(self.base_model, self.task, self.tokenizer, lora, self.train_config, progress=False,
+                       base_losses=self._base_losses)
+        self._base_losses = res.base_losses
+        self.base_losses = dict(res.base_losses)
+        return res.losses
+
+    def _result(self, r: int | None, groups) -> SettingResult:
+        groups = tuple(g for g in TARGET_GROUPS if g in groups)  # canonical order: the cache key
+        key = (r, groups)
+        self.from_cache = key in self.results
+        if not self.from_cache:
+            config = None if r is None else self.lora_config(r, groups)
+            losses = self._evaluate(config)
+            if r is None:
+                trainable = self.base_params
+                stored = trainable * FP32_BYTES
+            else:
+                cfg = self.base_model.config
+                trainable = transformer_lora_params(cfg.n_layer, cfg.n_embd, r, config.targets)
+                stored = trainable * FP32_BYTES
+            self.results[key] = SettingResult(r, groups, trainable, stored, trainable * 3 * FP32_BYTES,
+                                              float(losses["target"]), float(losses["source"]))
+            self.fine_tunes += 1
+        return self.results[key]
+
+    def compute_all(self, settings) -> None:
+        """Fill the cache for (r, groups) pairs, e.g. to draw the whole trade-off before exploring."""
+        for r, groups in settings:
+            self._result(r, groups)
+        self._draw()
+
+    # --- the widget ------------------------------------------------------------------------------
+
+    def _update(self, change=None) -> None:
+        if not self.targets.value:
+            self.error = "Choose at least one target matrix."
+            self.numbers.value = f"<b>{self.error}</b>"
+            return
+        self.error = ""
+        self.current = self._result(self.rank.value, self.targets.value)
+        c = self.current
+        self.numbers.value = (
+            f"<b>{c.label}</b>: {c.trainable_params:,} trainable parameters "
+            f"({c.trainable_params / self.base_params:.2%} of the base); adapter {format_bytes(c.adapter_bytes)}; "
+            f"gradients + AdamW state {format_bytes(c.optimizer_bytes)}; target loss {c.target_loss:.3f}, "
+            f"source loss {c.source_loss:.3f}" + (" (cached)" if self.from_cache else "")
+        )
+        self._draw()
+
+    def _draw(self) -> None:
+        show_figure(self.plot, self.figure(), "quality vs memory")
+
+    def figure(self) -> Figure:
+        """Target loss against training memory for every setting computed so far; the current one ringed."""
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+        points = [res for res in self.results.values() if res.r is not None]
+        ax.scatter([p.optimizer_bytes for p in points], [p.target_loss for p in points], color="C0",
+                   label="LoRA settings tried")
+        for p in points:
+            ax.annotate(p.label, (p.optimizer_bytes, p.target_loss), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        if self.full is not None:
+            ax.scatter([self.full.optimizer_bytes], [self.full.target_loss], marker="s", color="C1",
+                       label="full fine-tuning")
+        if getattr(self, "base_losses", None):
+            ax.axhline(self.base_losses["target"], color="k", linestyle="--", linewidth=1, label="base model")
+        current = getattr(self, "current", None)
+        if current is not None and not self.error:
+            ax.scatter([current.optimizer_bytes], [current.target_loss], s=250, facecolors="none",
+                       edgecolors="C3", linewidths=2, label="current choice")
+        ax.set_xscale("log")
+        ax.set_xlabel("gradients + AdamW state (bytes, log scale)")
+        ax.set_ylabel("target validation loss (lower is better)")
+        ax.set_title(f"quality vs training memory{f' on {self.task.name}' if self.task is not None else ''}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def table(self) -> str:
+        """Every setting computed so far, sorted by memory, as aligned text."""
+        rows = sorted(self.results.values(), key=lambda p: (p.optimizer_bytes, p.label))
+        lines = [f"{'setting':<22}{'trainable':>11}{'adapter':>11}{'grad+Adam':>11}{'target':>8}{'source':>8}"]
+        for p in rows:
+            lines.append(f"{p.label:<22}{p.trainable_params:>11,}{format_bytes(p.adapter_bytes):>11}"
+                         f"{format_bytes(p.optimizer_bytes):>11}{p.target_loss:>8.3f}{p.source_loss:>8.3f}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        current = getattr(self, "current", None)
+        return f"RankDashboard({len(self.results)} settings computed; current: {current.label if current else 'none'})"

@@ -32,7 +32,8 @@ def tiny_gpt(config=TINY, seed=0) -> GPT:
 
 
 def tokens(config=TINY, batch=3, seed=1) -> torch.Tensor:
-    return torch.randint(0, config.vocab_size, (batch, config.block_size), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, config.block_size), generator=gen)
 
 
 def adapted(base, config, seed):
@@ -304,3 +305,8 @@ def test_bank_refusals(tmp_path):
         bank.disable()
     with pytest.raises(LoRAError, match="pass the plain base model"):
         AdapterBank(adapted(base, LoRAConfig(r=2, trainable=("ln_f",)), seed=3))
+    own = AdapterBank(copy.deepcopy(base))
+    apply_lora(own.model, LoRAConfig(r=2, trainable=("ln_f",)))
+    with pytest.raises(LoRAError, match=r"own model trained \['ln_f.weight'\] in full"):
+        own.add("x", own.model)
+    assert own.names == []

@@ -33,7 +33,8 @@ def tiny_gpt(config=TINY, seed=0) -> GPT:
 
 
 def tokens(config=TINY, batch=3, seed=1) -> torch.Tensor:
-    return torch.randint(0, config.vocab_size, (batch, config.block_size), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, config.block_size), generator=gen)
 
 
 def randomize_B(model, seed=2, std=0.5):
@@ -216,7 +217,8 @@ def test_bad_hyperparameters_are_refused(kwargs, message):
     "config, message",
     [
         (LoRAConfig(r=33), r"r=33 exceeds min\(d, k\) = min\(32, 32\)"),
-        (LoRAConfig(targets=("q_proj", "query")), "'query' matches no module.*Linear layers in this model: q_proj, k_proj"),
+        (LoRAConfig(targets=("q_proj", "query")),
+         "'query' matches no module.*Linear layers in this model: q_proj, k_proj"),
         (LoRAConfig(targets=("ln_1",)), r"'ln_1' matches only blocks.0.ln_1 \(LayerNorm\).*only nn.Linear"),
         (LoRAConfig(targets=("attn",)), r"only blocks.0.attn \(CausalSelfAttention\)"),
         (LoRAConfig(targets=("lm_head",)), r"'lm_head' shares its weight with \['tok_emb.weight'\]"),
@@ -261,8 +263,8 @@ def test_trainable_modules_stay_trainable():
         (TINY, LoRAConfig(r=1, targets=("up_proj", "down_proj"))),
         (GPTConfig(vocab_size=7, block_size=8, n_layer=3, n_head=4, n_embd=24, bias=True),
          LoRAConfig(r=8, targets=("*_proj",), trainable=("ln_f",))),
-        (GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=16), LoRAConfig(r=16, targets=("v_proj",),
-                                                                                            trainable=("lm_head",))),
+        (GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=16),
+         LoRAConfig(r=16, targets=("v_proj",), trainable=("lm_head",))),
     ],
 )
 def test_parameter_report_matches_formula(gpt, config):

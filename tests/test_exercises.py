@@ -1,0 +1,147 @@
+"""The exercise checkers: a right answer passes, each typical wrong answer fails with a message saying why,
+and an exception in the learner's code becomes a failed check rather than a crash."""
+import math
+
+import torch
+import torch.nn as nn
+
+from lora_lab import exercises, widgets
+from lora_lab.model import count_parameters_formula
+
+
+def failures(report) -> str:
+    return "\n".join(msg for passed, msg in report.results if not passed)
+
+
+def test_report_text_and_truthiness():
+    report = exercises.CheckReport("demo")
+    assert not report.ok  # no checks run is not a pass
+    report.check(True, "fine")
+    assert report.ok and bool(report) and "all 1 checks passed" in str(report)
+    report.check(False, "ok text", "what went wrong")
+    report.require(True, "never shown")
+    assert not report.ok and "1 of 2 checks failed" in str(report)
+    assert "FAIL what went wrong" in str(report) and "never shown" not in str(report)
+
+
+def test_exceptions_in_learner_code_are_reported():
+    report = exercises.check_rank_for_energy(lambda S, f: 1 / 0)
+    assert not report.ok
+    assert "ZeroDivisionError" in failures(report)
+
+
+def _factorize(W, r):
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, :r] * S[:r], Vh[:r]
+
+
+def test_check_factorize():
+    assert exercises.check_factorize(_factorize).ok
+
+    def smallest(W, r):
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, -r:] * S[-r:], Vh[-r:]
+
+    assert "LARGEST" in failures(exercises.check_factorize(smallest))
+    assert "expected B" in failures(exercises.check_factorize(lambda W, r: (W, torch.eye(W.shape[1]))))
+    assert "pair of tensors" in failures(exercises.check_factorize(lambda W, r: W))
+
+
+def test_check_rank_for_energy():
+    def right(S, fraction):
+        energy = (S**2).cumsum(0) / (S**2).sum()
+        return int((energy >= fraction).nonzero()[0]) + 1
+
+    def unsquared(S, fraction):  # a common slip: energy is sigma squared
+        energy = S.cumsum(0) / S.sum()
+        return int((energy >= fraction).nonzero()[0]) + 1
+
+    assert exercises.check_rank_for_energy(right).ok
+    assert not exercises.check_rank_for_energy(unsquared).ok
+
+
+def test_check_gpt_lora_params():
+    assert exercises.check_gpt_lora_params(widgets.transformer_lora_params).ok
+    square_only = lambda L, d, r, targets: L * len(targets) * r * 2 * d  # noqa: E731
+    assert "4*d_model" in failures(exercises.check_gpt_lora_params(square_only))
+
+
+def test_check_break_even_rank():
+    assert exercises.check_break_even_rank(lambda d, k: (d * k - 1) // (d + k)).ok
+    assert "strictly" in failures(exercises.check_break_even_rank(lambda d, k: d * k // (d + k)))
+
+
+def test_check_uniform_loss_and_count_parameters():
+    assert exercises.check_uniform_loss(math.log).ok
+    assert not exercises.check_uniform_loss(math.log2).ok
+    assert exercises.check_count_parameters(count_parameters_formula).ok
+    untied = lambda c: count_parameters_formula(c) + c.vocab_size * c.n_embd  # noqa: E731
+    assert "count it once" in failures(exercises.check_count_parameters(untied))
+
+
+class _LoRA(nn.Module):
+    def __init__(self, base, r, alpha, scale_by_r=True, zero_b=True, freeze=True):
+        super().__init__()
+        self.base = base.requires_grad_(not freeze)
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r) if zero_b else torch.randn(base.out_features, r))
+        self.scale = alpha / r if scale_by_r else alpha
+
+    def forward(self, x):
+        return self.base(x) + self.scale * (x @ self.lora_A.T @ self.lora_B.T)
+
+
+def test_check_lora_layer():
+    assert exercises.check_lora_layer(_LoRA).ok
+    assert "alpha / r" in failures(exercises.check_lora_layer(lambda b, r, a: _LoRA(b, r, a, scale_by_r=False)))
+    assert "zero" in failures(exercises.check_lora_layer(lambda b, r, a: _LoRA(b, r, a, zero_b=False)))
+    assert "frozen" in failures(exercises.check_lora_layer(lambda b, r, a: _LoRA(b, r, a, freeze=False)))
+
+
+def test_check_lora_layer_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    exercises.check_lora_layer(_LoRA)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_check_merged_weight():
+    right = lambda layer: layer.base.weight + layer.scale * layer.lora_B @ layer.lora_A  # noqa: E731
+    assert exercises.check_merged_weight(right).ok
+    assert not exercises.check_merged_weight(lambda layer: layer.base.weight).ok
+
+    def in_place(layer):
+        with torch.no_grad():
+            layer.base.weight += layer.delta_weight()
+        return layer.base.weight
+
+    assert "left unchanged" not in failures(exercises.check_merged_weight(in_place))
+    assert "changed the layer" in failures(exercises.check_merged_weight(in_place))
+
+
+def test_check_training_bytes():
+    assert exercises.check_training_bytes(lambda f, t: 4 * (f + t) + 12 * t).ok
+    assert "no gradient" in failures(exercises.check_training_bytes(lambda f, t: 16 * (f + t)))
+    assert "gradient" in failures(exercises.check_training_bytes(lambda f, t: 4 * (f + t) + 8 * t))
+
+
+def test_check_adapter_payload():
+    right = lambda c, lora: 4 * widgets.transformer_lora_params(c.n_layer, c.n_embd, lora.r, lora.targets)  # noqa: E731
+    assert exercises.check_adapter_payload(right).ok
+    half = lambda c, lora: right(c, lora) // 2  # noqa: E731
+    assert "saved file holds" in failures(exercises.check_adapter_payload(half))
+
+
+def test_check_best_setting():
+    def right(results, budget):
+        fits = [p for p in results if p.optimizer_bytes <= budget]
+        return min(fits, key=lambda p: p.target_loss) if fits else None
+
+    def cheapest(results, budget):  # ignores quality
+        fits = [p for p in results if p.optimizer_bytes <= budget]
+        return min(fits, key=lambda p: p.optimizer_bytes) if fits else None
+
+    assert exercises.check_best_setting(right).ok
+    assert not exercises.check_best_setting(cheapest).ok
+    assert not exercises.check_best_setting(lambda results, budget: min(results, key=lambda p: p.target_loss)).ok

@@ -1,0 +1,366 @@
+"""The notebook widgets, driven the way a notebook drives them: set a control's .value, read what was computed."""
+import math
+
+import pytest
+import torch
+
+from lora_lab import GPT, CharTokenizer, GPTConfig, LoRAConfig, apply_lora, parameter_report, widgets
+from lora_lab.model import count_parameters_formula
+
+
+def image_of(output) -> bool:
+    return len(output.outputs) == 1 and output.outputs[0]["data"]["image/png"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def test_format_count_and_bytes():
+    assert widgets.format_count(4_718_592) == "4.7M"
+    assert widgets.format_count(37_748_736) == "37.7M"
+    assert widgets.format_count(174_604_259_328) == "174.6B"
+    assert widgets.format_count(950) == "950"
+    assert widgets.format_bytes(350e9) == "350.0 GB"
+    assert widgets.format_bytes(37_748_736) == "37.7 MB"
+    assert widgets.format_bytes(12) == "12 B"
+
+
+def test_text_form_of_a_widget_is_its_summary():
+    counter = widgets.LoRAShapeCounter(d=64, k=32, r=2)
+    bundle = counter._repr_mimebundle_()
+    assert bundle["text/plain"] == counter.summary() == repr(counter)
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert "64" in bundle["text/plain"] and "r=2" in bundle["text/plain"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# chapter 1
+
+
+def test_synthetic_image_is_deterministic_and_in_range():
+    a, b = widgets.synthetic_image(48), widgets.synthetic_image(48)
+    assert a.shape == (48, 48) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    # it has structure: far from rank 1, far below full rank in energy terms
+    S = torch.linalg.svdvals(a.double())
+    assert S[1] > 1e-3 * S[0]
+    assert (S[:10] ** 2).sum() / (S**2).sum() > 0.95
+
+
+def test_low_rank_approximation_is_the_truncated_svd():
+    W = torch.randn(9, 5, dtype=torch.float64)
+    S = torch.linalg.svdvals(W)
+    for r in range(0, 6):
+        approx = widgets.low_rank_approximation(W, r)
+        assert approx.shape == W.shape
+        assert int(torch.linalg.matrix_rank(approx)) == r
+        assert math.isclose(float(torch.linalg.matrix_norm(W - approx)), widgets.eckart_young_error(S, r), abs_tol=1e-9)
+    assert torch.allclose(widgets.low_rank_approximation(W, 5), W)
+
+
+@pytest.mark.parametrize("bad_r", [-1, 6])
+def test_low_rank_approximation_rejects_impossible_ranks(bad_r):
+    with pytest.raises(ValueError, match="between 0 and min"):
+        widgets.low_rank_approximation(torch.zeros(9, 5), bad_r)
+    with pytest.raises(ValueError, match="2-D"):
+        widgets.low_rank_approximation(torch.zeros(3, 3, 3), 1)
+
+
+def test_low_rank_explorer_follows_the_slider():
+    W = torch.randn(20, 12)
+    explorer = widgets.LowRankExplorer(W, r=3, name="W", as_image=False)
+    assert explorer.rank.max == 12 and explorer.r == 3
+    errors = []
+    for r in range(1, 13):
+        explorer.rank.value = r
+        assert explorer.r == r
+        assert math.isclose(explorer.error, explorer.predicted_error, rel_tol=1e-9, abs_tol=1e-9)
+        assert explorer.stored_numbers == r * (20 + 12)
+        assert int(torch.linalg.matrix_rank(explorer.approximation)) == r
+        assert f"rank {r}:" in explorer.numbers.value
+        assert image_of(explorer.plot)
+        errors.append(explorer.error)
+    assert all(a > b for a, b in zip(errors, errors[1:]))  # more rank, less error
+    assert errors[-1] < 1e-9 and explorer.relative_error < 1e-9
+    assert "rank 12" in explorer.summary()
+
+
+def test_low_rank_explorer_rejects_a_vector():
+    with pytest.raises(ValueError, match="2-D"):
+        widgets.LowRankExplorer(torch.zeros(5))
+
+
+# ---------------------------------------------------------------------------------------------------
+# chapter 2
+
+
+def test_shape_counter():
+    counter = widgets.LoRAShapeCounter(d=128, k=128, r=8)
+    assert (counter.full_params, counter.lora_params, counter.ratio) == (16384, 2048, 8.0)
+    counter.d.value = 4096
+    counter.k.value = 1024
+    counter.r.value = 16
+    assert counter.full_params == 4096 * 1024 and counter.lora_params == 16 * 5120
+    assert math.isclose(counter.break_even_rank, 4096 * 1024 / 5120)
+    assert f"{counter.lora_params:,}" in counter.numbers.value
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [("q_proj",), ("q_proj", "v_proj"), ("up_proj",), ("down_proj", "o_proj"), tuple(widgets.LINEAR_SHAPES)],
+)
+@pytest.mark.parametrize("r", [1, 4])
+def test_transformer_formula_matches_the_real_model(tiny_config, targets, r):
+    model = apply_lora(GPT(tiny_config), LoRAConfig(r=r, targets=targets))
+    report = parameter_report(model)
+    expected = widgets.transformer_lora_params(tiny_config.n_layer, tiny_config.n_embd, r, targets)
+    assert report.lora_params == expected == report.trainable_params
+
+
+def test_transformer_formula_rejects_unknown_targets():
+    with pytest.raises(ValueError, match="lm_head"):
+        widgets.transformer_lora_params(2, 32, 1, ("q_proj", "lm_head"))
+
+
+def test_model_counter_reproduces_the_papers_gpt3_numbers():
+    counter = widgets.ModelLoRACounter(model="GPT-3 175B", r=1, targets=("q_proj", "v_proj"))
+    assert counter.lora_params == 4_718_592  # the paper's 4.7M
+    counter.r.value = 8
+    assert counter.lora_params == 37_748_736  # the paper's 37.7M
+    counter.r.value = 4
+    assert counter.adapter_bytes == 2 * counter.lora_params
+    assert round(counter.base_params / 1e9) == 175
+    assert 9_000 < counter.full_checkpoint_bytes / counter.adapter_bytes < 10_000
+
+
+def test_model_counter_switching_model_and_targets():
+    counter = widgets.ModelLoRACounter(model="GPT-3 175B", r=8, targets=("q_proj", "v_proj"))
+    counter.model.value = "lora_lab tiny"
+    assert (counter.n_layer.value, counter.d_model.value) == (4, 128)
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    model = apply_lora(GPT(config), LoRAConfig(r=8, targets=("q_proj", "v_proj")))
+    assert counter.lora_params == parameter_report(model).lora_params
+    assert counter.base_params == count_parameters_formula(config)
+    counter.targets.value = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    assert counter.lora_params == widgets.transformer_lora_params(4, 128, 8, widgets.LINEAR_SHAPES)
+    counter.targets.value = ()
+    assert counter.lora_params == 0 and "nothing" in counter.numbers.value
+    counter.n_layer.value = 2
+    assert counter.base_params == count_parameters_formula(
+        GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=1, n_embd=128))
+
+
+# ---------------------------------------------------------------------------------------------------
+# chapter 3
+
+
+@pytest.fixture
+def tiny_model_and_tokenizer():
+    tokenizer = CharTokenizer.from_text("abcdefgh \n")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    return model, tokenizer
+
+
+def test_sample_text_is_seeded(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    a = widgets.sample_text(model, tok, "abc", length=40, seed=1)
+    assert len(a) == 40 and set(a) <= set(tok.chars)
+    assert a == widgets.sample_text(model, tok, "abc", length=40, seed=1)
+    assert a != widgets.sample_text(model, tok, "abc", length=40, seed=2)
+    model.train()
+    widgets.sample_text(model, tok, "abc", length=3)
+    assert model.training  # the mode is restored
+    with pytest.raises(ValueError, match="prompt"):
+        widgets.sample_text(model, tok, "", length=3)
+
+
+def test_sample_explorer_follows_its_controls(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    explorer = widgets.SampleExplorer(model, tok, prompt="ab", length=30, seed=0)
+    first = explorer.text
+    assert explorer.output.value == "ab" + first
+    explorer.seed.value = 5
+    assert explorer.text == widgets.sample_text(model, tok, "ab", 30, seed=5) != first
+    explorer.temperature.value = 0.3
+    explorer.top_k.value = 2
+    assert explorer.text == widgets.sample_text(model, tok, "ab", 30, temperature=0.3, top_k=2, seed=5)
+    explorer.length.value = 50
+    assert len(explorer.text) == 50
+    explorer.prompt.value = "xyz"  # not in the vocabulary: reported, not raised
+    assert explorer.text == "" and "'x'" in explorer.error and explorer.output.value.startswith("[")
+    explorer.prompt.value = "h"
+    assert explorer.error == "" and len(explorer.text) == 50
+
+
+def test_plot_history_draws_each_run():
+    history = {"losses": [3.0, 2.5, 2.0], "evals": [{"iter": 0, "val": 3.1}, {"iter": 3, "val": 2.1}]}
+    fig = widgets.plot_history({"a": history, "b": history})
+    (ax,) = fig.axes
+    assert len(ax.lines) == 4
+    assert [tuple(line.get_xdata()) for line in ax.lines[1::2]] == [(0, 3), (0, 3)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# chapter 4
+
+
+def test_sample_comparer_samples_every_model(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    torch.manual_seed(1)
+    other = GPT(model.config)
+    comparer = widgets.SampleComparer({"one": model, "two": other}, tok, prompt="ab", length=20, seed=0)
+    assert set(comparer.texts) == {"one", "two"} and comparer.texts["one"] != comparer.texts["two"]
+    comparer.seed.value = 4
+    comparer.temperature.value = 0.5
+    assert comparer.texts["two"] == widgets.sample_text(other, tok, "ab", 20, temperature=0.5, seed=4)
+    assert "<pre>ab" in comparer.table.value
+    comparer.prompt.value = "<z>"
+    assert comparer.texts == {} and "'<'" in comparer.error and "&lt;" in comparer.table.value
+    with pytest.raises(ValueError, match="at least one"):
+        widgets.SampleComparer({}, tok)
+
+
+# ---------------------------------------------------------------------------------------------------
+# chapter 5
+
+
+def _batch(config, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, config.vocab_size, (3, config.block_size), generator=gen)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def test_count_training_memory_full_vs_lora(tiny_config):
+    x, y = _batch(tiny_config)
+    full = widgets.count_training_memory(GPT(tiny_config), x, y)
+    n = GPT(tiny_config).num_parameters()
+    assert full.frozen_weights == 0 and full.trainable_weights == 4 * n
+    assert full.gradients == 4 * n
+    assert 8 * n <= full.optimizer <= 8 * n + 8 * 100  # two moments per weight, plus small step counters
+    assert full.activations > 0
+    assert full.total == sum(v for k, v in full.as_dict().items() if k != "total")
+
+    lora_model = apply_lora(GPT(tiny_config), LoRAConfig(r=2, targets=("q_proj", "v_proj")))
+    t = parameter_report(lora_model).trainable_params
+    lora = widgets.count_training_memory(lora_model, x, y)
+    assert lora.trainable_weights == lora.gradients == 4 * t
+    assert lora.frozen_weights == 4 * (lora_model.num_parameters() - t)
+    assert 8 * t <= lora.optimizer < full.optimizer
+    assert lora.total < full.total
+
+
+def test_count_training_memory_grows_with_the_batch(tiny_config):
+    small = widgets.count_training_memory(GPT(tiny_config), *_batch(tiny_config))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, tiny_config.vocab_size, (6, tiny_config.block_size), generator=gen)
+    big = widgets.count_training_memory(GPT(tiny_config), x, torch.roll(x, -1, dims=1))
+    assert big.activations > 1.5 * small.activations
+    assert (big.gradients, big.optimizer) == (small.gradients, small.optimizer)
+
+
+def test_cuda_peak_needs_a_gpu_batch(tiny_config):
+    with pytest.raises(ValueError, match="CUDA"):
+        widgets.cuda_peak_training_memory(GPT(tiny_config), *_batch(tiny_config))
+
+
+# ---------------------------------------------------------------------------------------------------
+# chapter 6
+
+
+def test_adapter_switcher_drives_the_bank(tiny_model_and_tokenizer, tmp_path):
+    from lora_lab import AdapterBank, save_adapter
+
+    model, tok = tiny_model_and_tokenizer
+    adapted = {}
+    for i, name in enumerate(("a", "b")):
+        m = apply_lora(GPT(model.config), LoRAConfig(r=2, targets=("v_proj", "o_proj", "up_proj", "down_proj")))
+        m.load_state_dict(model.state_dict(), strict=False)  # the same base weights as `model`
+        with torch.no_grad():  # a strong random adapter, so that it visibly changes the samples
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 3.0, generator=torch.Generator().manual_seed(i))
+        save_adapter(m, tmp_path / name)
+        adapted[name] = m
+    bank = AdapterBank(model)
+    bank.add("a", tmp_path / "a")
+    bank.add("b", tmp_path / "b")
+    switcher = widgets.AdapterSwitcher(bank, tok, prompt="ab", length=25, seed=2)
+    assert switcher.active is None and switcher.adapter.options[0] == widgets.AdapterSwitcher.BASE
+    base_text = switcher.text
+    switcher.adapter.value = "b"
+    assert bank.active == "b" == switcher.active
+    assert switcher.text == widgets.sample_text(adapted["b"], tok, "ab", 25, seed=2) != base_text
+    switcher.adapter.value = widgets.AdapterSwitcher.BASE
+    assert bank.active is None and switcher.text == base_text
+    switcher.prompt.value = "@"
+    assert switcher.text == "" and switcher.error
+    assert "2 adapters" in switcher.summary()
+
+
+# ---------------------------------------------------------------------------------------------------
+# chapter 7
+
+
+def test_rank_dashboard_caches_each_setting(tiny_config):
+    calls = []
+
+    def evaluate(lora):
+        calls.append(lora)
+        r = 1000 if lora is None else lora.r
+        return {"target": 2.0 + 1 / r + 0.01 * len(lora.targets if lora else ()), "source": 1.5}
+
+    model = GPT(tiny_config)
+    dash = widgets.RankDashboard(model, ranks=(1, 2, 4), r=2, groups=("Wv", "Wq"), evaluate=evaluate)
+    assert [c if c is None else (c.r, c.targets) for c in calls] == [None, (2, ("q_proj", "v_proj"))]
+    assert dash.full.trainable_params == model.num_parameters()
+    assert dash.current.groups == ("Wq", "Wv") and dash.current.r == 2
+    expected = widgets.transformer_lora_params(tiny_config.n_layer, tiny_config.n_embd, 2, ("q_proj", "v_proj"))
+    assert dash.current.trainable_params == expected
+    assert (dash.current.adapter_bytes, dash.current.optimizer_bytes) == (4 * expected, 12 * expected)
+    assert calls[-1].alpha == 16.0  # alpha is fixed across ranks
+
+    dash.rank.value = 4
+    assert not dash.from_cache and dash.fine_tunes == 3
+    dash.rank.value = 2
+    assert dash.from_cache and dash.fine_tunes == 3 and len(calls) == 3
+    dash.targets.value = ("Wq", "Wv", "MLP")
+    assert calls[-1].targets == ("q_proj", "v_proj", "up_proj", "down_proj")
+    dash.targets.value = ()
+    assert dash.error and len(calls) == 4
+    dash.targets.value = ("Wq",)
+    assert dash.error == "" and dash.current.label == "r=2 Wq"
+    dash.compute_all([(1, ("Wo",)), (2, ("Wq",))])
+    assert len(calls) == 6
+    table = dash.table().splitlines()
+    assert len(table) == 1 + len(dash.results) and "full FT" in table[-1]  # sorted by memory: full FT last
+    assert image_of(dash.plot) and len(dash.figure().axes) == 1
+
+
+def test_rank_dashboard_rejects_bad_settings(tiny_config):
+    model = GPT(tiny_config)
+    fake = lambda lora: {"target": 1.0, "source": 1.0}  # noqa: E731
+    with pytest.raises(ValueError, match="starting rank"):
+        widgets.RankDashboard(model, ranks=(1, 2), r=4, evaluate=fake)
+    with pytest.raises(ValueError, match="target group"):
+        widgets.RankDashboard(model, groups=("Wz",), evaluate=fake)
+    with pytest.raises(ValueError, match="task and a tokenizer"):
+        widgets.RankDashboard(model)
+
+
+def test_rank_dashboard_fine_tunes_for_real(tiny_model_and_tokenizer):
+    from lora_lab.finetune import finetune_config
+    from lora_lab.tasks import Task
+
+    model, tok = tiny_model_and_tokenizer
+    text = "abc defg hab \n" * 40
+    task = Task("toy", "toy", train=text, validation=text[:200], source_validation=text[:200].upper().lower())
+    cfg = finetune_config(max_iters=4, batch_size=2, eval_iters=1)
+    dash = widgets.RankDashboard(model, task, tok, cfg, ranks=(1, 2), r=1, groups=("Wq",), include_full=False)
+    assert dash.full is None and dash.fine_tunes == 1
+    assert math.isfinite(dash.current.target_loss) and set(dash.base_losses) == {"target", "source"}
+    first = dash.current
+    dash.rank.value = 2
+    dash.rank.value = 1
+    assert dash.from_cache and dash.current == first
