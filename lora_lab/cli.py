@@ -32,6 +32,7 @@ PROG = "lora-lab"
 ADAPTER_CONFIG = "adapter_config.json"  # written by lora.save_adapter; marks a folder as an adapter
 BASE_RECORD = "lora_lab_base.json"  # written next to it by this CLI: which base the adapter belongs to
 BASE_RECORD_FORMAT = "lora_lab.cli.base.v1"
+TOUR_PROMPTS = {"romeo_juliet": "ROMEO:\n", "shout": "KING RICHARD III:\n"}  # speakers each text knows
 
 
 class UsageError(Exception):
@@ -108,7 +109,9 @@ def _replaceable(path: Path, marker: str, what: str) -> Path:
     if path.exists() and not path.is_dir():
         raise UsageError(f"{PROG}: error: output {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
-        raise UsageError(f"{PROG}: error: output folder {path} is not empty and is not a {what}; refusing to replace it")
+        raise UsageError(
+            f"{PROG}: error: output folder {path} is not empty and is not a {what}; refusing to replace it"
+        )
     return path
 
 
@@ -132,6 +135,9 @@ def _common_options() -> argparse.ArgumentParser:
                         "and demos (cached separately)")
     g.add_argument("--device", type=_device, default="auto",
                    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for torch (default: torch's choice); 1 is often fastest for the tiny "
+                        "preset on a busy or 2-core machine")
     g.add_argument("--quiet", action="store_true", help="hide progress bars")
     return p
 
@@ -147,7 +153,7 @@ def _finetune_options(default_task: str = "romeo_juliet", sweep: bool = False) -
         g.add_argument("--rank", "-r", type=_positive_int, default=8, help="LoRA rank r (default: 8)")
     g.add_argument("--alpha", type=_positive_float,
                    help="LoRA alpha; the update is scaled by alpha / r (default: "
-                        + ("the first rank of --ranks, kept for all ranks)" if sweep else "2 * rank)"))
+                        + (f"{LoRAConfig.alpha:g} for every rank)" if sweep else "2 * rank)"))
     g.add_argument("--targets", type=_name_list, default=DEFAULT_TARGETS, metavar="NAMES",
                    help="comma-separated module patterns that get LoRA, e.g. q_proj,v_proj or '*.mlp.*' "
                         f"(default: {','.join(DEFAULT_TARGETS)})")
@@ -160,7 +166,8 @@ def _finetune_options(default_task: str = "romeo_juliet", sweep: bool = False) -
                    help=f"sequences per step (default: {lora.batch_size})")
     g.add_argument("--seed", type=int, default=lora.seed, help=f"training seed (default: {lora.seed})")
     g.add_argument("--eval-iters", type=_positive_int, default=EVAL_ITERS,
-                   help=f"fixed validation batches per loss measurement (default: {EVAL_ITERS})")
+                   help=f"fixed validation batches per final loss measurement (default: {EVAL_ITERS}); the "
+                        f"loss curve's points use at most {FINETUNE_DEFAULTS['lora'].eval_iters}")
     return p
 
 
@@ -254,6 +261,7 @@ def _load_base(args, preset: str | None = None, pretrain_iters: int | None = Non
             max_iters=pretrain_iters,
             warmup_iters=min(preset_train.warmup_iters, pretrain_iters // 10),
             eval_interval=min(preset_train.eval_interval, pretrain_iters),
+            eval_iters=min(preset_train.eval_iters, max(1, pretrain_iters // 10)),
         )
     return pretrained_base(
         preset, train_config=train_config, data_source=args.data, cache=args.cache, device=args.device,
@@ -269,7 +277,9 @@ def _describe_base(base: Pretrained) -> str:
 
 
 def _train_config(args, full: bool):
-    overrides = dict(max_iters=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device)
+    default = FINETUNE_DEFAULTS["full" if full else "lora"]
+    overrides = dict(max_iters=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                     eval_iters=min(default.eval_iters, args.eval_iters))  # the loss curve's points
     if args.lr is not None:
         overrides["learning_rate"] = args.lr
         overrides["min_lr"] = args.lr / 10
@@ -338,12 +348,12 @@ def _sample(model, tokenizer, prompt: str, chars: int, temperature: float, top_k
 
 def _loss_rows(results: list[FinetuneResult], total: int) -> list[dict]:
     first = results[0]
-    rows = [{"model": "base", "trainable": 0, "trainable_%": 0.0, "target_loss": first.base_losses["target"],
-             "source_loss": first.base_losses["source"]}]
+    rows = [{"model": "base", "trainable": "0", "trainable_%": "0", "target_loss": first.base_losses["target"],
+             "source_loss": first.base_losses["source"], "train_s": None}]
     for res in results:
-        rows.append({"model": res.label, "trainable": res.trainable_params,
-                     "trainable_%": 100.0 * res.trainable_params / total, "target_loss": res.losses["target"],
-                     "source_loss": res.losses["source"]})
+        rows.append({"model": res.label, "trainable": f"{res.trainable_params:,}",
+                     "trainable_%": f"{100.0 * res.trainable_params / total:.2f}", "target_loss": res.losses["target"],
+                     "source_loss": res.losses["source"], "train_s": f"{res.history.seconds:.1f}"})
     return rows
 
 
@@ -371,7 +381,9 @@ def cmd_sample(args) -> int:
         else:
             tokenizer = _load_base(args).dataset.tokenizer
             if tokenizer.vocab_size != model.config.vocab_size:
-                raise UsageError(f"{PROG} sample: error: checkpoint {args.checkpoint} does not fit this data's vocabulary")
+                raise UsageError(
+                    f"{PROG} sample: error: checkpoint {args.checkpoint} does not fit this data's vocabulary"
+                )
     elif args.adapter is not None:
         model, tokenizer, _ = _adapted_model(args, args.adapter)
     else:
@@ -417,7 +429,7 @@ def cmd_merge(args) -> int:
 def cmd_sweep(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"{PROG} sweep: error: output {args.out} exists and is not a folder")
-    alpha = args.alpha if args.alpha is not None else float(args.ranks[0])
+    alpha = args.alpha if args.alpha is not None else LoRAConfig.alpha
     for r in args.ranks:  # validate every config before any training
         LoRAConfig(r=r, alpha=alpha, targets=tuple(args.targets))
     base = _load_base(args)
@@ -468,9 +480,7 @@ def cmd_tour(args) -> int:
     adapter_size, merged_size = _folder_bytes(adapter_dir), _folder_bytes(merged_dir)
     curves = plot_loss_curves(results, out / "loss_curves.png")
 
-    prompt = "ROMEO:\n" if task.name == "romeo_juliet" else "\n"
-    if task.name == "shout":
-        prompt = "KING RICHARD III:\n"
+    prompt = TOUR_PROMPTS.get(task.name, "\n")
     base_text = _sample(base.model, tokenizer, prompt, 160, 0.8, None, 0)
     lora_text = _sample(lora_res.model, tokenizer, prompt, 160, 0.8, None, 0)
 
@@ -521,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         return args.run(args)
     except SystemExit as done:  # --help, or argparse's own exit
         return done.code if isinstance(done.code, int) else 0

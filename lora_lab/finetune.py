@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import save_checkpoint
 from .data import CharTokenizer
-from .lora import LoRAConfig, apply_lora, save_adapter
+from .lora import LoRAConfig, apply_lora, save_adapter, set_lora_enabled
 from .model import GPT
 from .tasks import Task
 from .train import TrainConfig, TrainResult, estimate_loss, pick_device, train
@@ -33,19 +33,19 @@ from .train import TrainConfig, TrainResult, estimate_loss, pick_device, train
 # every pretrained weight and needs a smaller one not to wreck what the base knows.
 FINETUNE_DEFAULTS: dict[str, TrainConfig] = {
     "lora": TrainConfig(
-        max_iters=300, batch_size=12, learning_rate=1e-3, min_lr=1e-4, warmup_iters=30, weight_decay=0.0,
-        eval_interval=50, eval_iters=10,
+        max_iters=300, batch_size=12, learning_rate=2e-3, min_lr=2e-4, warmup_iters=30, weight_decay=0.0,
+        eval_interval=25, eval_iters=6,
     ),
     "full": TrainConfig(
         max_iters=300, batch_size=12, learning_rate=3e-4, min_lr=3e-5, warmup_iters=30, weight_decay=0.1,
-        eval_interval=50, eval_iters=10,
+        eval_interval=25, eval_iters=6,
     ),
 }
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # The fixed batches every model of a comparison is measured on.
 EVAL_BATCH_SIZE = 32
-EVAL_ITERS = 40
+EVAL_ITERS = 25
 EVAL_SEED = 4321
 
 
@@ -53,13 +53,13 @@ def finetune_config(full: bool = False, **overrides) -> TrainConfig:
     """The default fine-tuning TrainConfig (LoRA or full), with fields overridden by keyword.
 
     Changing max_iters alone also rescales the warmup (10% of the steps at most) and the evaluation
-    interval (6 evaluations per run), so a short run still warms up and draws a loss curve.
+    interval (12 evaluations per run), so a short run still warms up and draws a loss curve.
     """
     base = FINETUNE_DEFAULTS["full" if full else "lora"]
     steps = overrides.get("max_iters", base.max_iters)
     if isinstance(steps, int) and steps > 0:
         overrides.setdefault("warmup_iters", min(base.warmup_iters, steps // 10))
-        overrides.setdefault("eval_interval", max(1, steps // 6))
+        overrides.setdefault("eval_interval", max(1, steps // 12))
     return replace(base, **overrides)
 
 
@@ -151,14 +151,19 @@ def finetune(
     measure = dict(batch_size=eval_batch_size, eval_iters=eval_iters, seed=eval_seed, device=device)
 
     model = copy.deepcopy(base_model).to(device)  # the base itself is never touched
-    if base_losses is None:
-        base_losses = task_losses(model, data, **measure)  # the untouched copy *is* the base
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from the global RNG
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        apply_lora(model, lora)
+        apply_lora(model, lora)  # a bad target or rank fails here, before any measuring or training
+    if base_losses is None:
+        # The copy before training is the base: B = 0, and with LoRA switched off not even + 0 is added.
+        if not full:
+            set_lora_enabled(model, False)
+        base_losses = task_losses(model, data, **measure)
+        if not full:
+            set_lora_enabled(model, True)
     trainable = model.num_parameters(trainable_only=True)
     label = "full fine-tuning" if full else f"LoRA r={lora.r}"
     history = train(model, data["train"], data["target"], cfg, progress, desc=desc or f"{label} on {task.name}")
@@ -220,19 +225,23 @@ def write_file_atomic(path: str | os.PathLike, content: bytes | str) -> Path:
     return path
 
 
-def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A markdown table (also readable as plain text); floats get 4 decimals."""
+def format_table(rows: list[dict], columns: list[str] | None = None, formats: dict[str, str] | None = None) -> str:
+    """A markdown table (also readable as plain text). Floats get 4 decimals unless `formats` names a
+    format spec for their column; whole floats (an alpha of 16.0) print as integers."""
     if columns is None:
         columns = list(rows[0]) if rows else []
+    formats = formats or {}
 
-    def cell(v) -> str:
+    def cell(v, column: str) -> str:
+        if isinstance(v, float) and column in formats:
+            return format(v, formats[column])
         if isinstance(v, float):
-            return f"{v:.4f}"
+            return f"{v:g}" if v.is_integer() else f"{v:.4f}"
         if isinstance(v, (list, tuple)):
             return ",".join(map(str, v))
         return "-" if v is None else str(v)
 
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    body = [[cell(r.get(c), c) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
     line = lambda cells: "| " + " | ".join(s.ljust(w) for s, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(b) for b in body])
@@ -305,7 +314,8 @@ class Comparison:
     COLUMNS = ["method", "trainable_params", "trainable_pct", "target_loss", "source_loss", "train_seconds"]
 
     def to_text(self) -> str:
-        return f"Task {self.task}: validation losses on fixed batches\n" + format_table(self.rows, self.COLUMNS)
+        table = format_table(self.rows, self.COLUMNS, {"trainable_pct": ".2f", "train_seconds": ".1f"})
+        return f"Task {self.task}: validation losses on fixed batches\n" + table
 
 
 def compare_methods(
@@ -360,7 +370,7 @@ class Sweep:
 
     def to_text(self) -> str:
         base = f"base: target {self.base_losses['target']:.4f}, source {self.base_losses['source']:.4f}"
-        return f"Rank sweep on {self.task} ({base})\n" + format_table(self.rows, self.COLUMNS)
+        return f"Rank sweep on {self.task} ({base})\n" + format_table(self.rows, self.COLUMNS, {"train_seconds": ".1f"})
 
 
 def rank_sweep(
@@ -369,7 +379,7 @@ def rank_sweep(
     tokenizer: CharTokenizer,
     ranks: tuple[int, ...] | list[int] = (1, 2, 4, 8, 16),
     targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
-    alpha: float | None = None,
+    alpha: float = LoRAConfig.alpha,
     train_config: TrainConfig | None = None,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -377,13 +387,13 @@ def rank_sweep(
 ) -> Sweep:
     """LoRA fine-tune once per rank; with out_dir, write sweep.csv and sweep.png there.
 
-    alpha defaults to the first rank, as in the LoRA paper: it then stays fixed, so scale = alpha / r
-    shrinks as r grows and the learning rate need not be retuned per rank.
+    alpha stays fixed across ranks, as in the LoRA paper, so scale = alpha / r shrinks as r grows: the
+    size of an Adam step on B @ A then hardly depends on r, and one learning rate serves every rank.
+    The default alpha is LoRAConfig's (16), so the r=8 row is the default fine-tune.
     """
     ranks = list(ranks)
     if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):
         raise ValueError(f"ranks must be a non-empty list of positive integers, got {ranks!r}.")
-    alpha = float(ranks[0]) if alpha is None else alpha
     configs = [LoRAConfig(r=r, alpha=alpha, targets=tuple(targets)) for r in ranks]
     for cfg in configs:  # a dry run on a throwaway copy: a rank too large for a target fails before any training
         apply_lora(copy.deepcopy(base_model), cfg)
@@ -418,6 +428,7 @@ def plot_sweep(sweep: Sweep, path: str | os.PathLike) -> Path:
         ax_loss.plot(ranks, [r[f"{key}_loss"] for r in sweep.rows], "o-", color=color, label=f"LoRA: {key}")
         ax_loss.axhline(sweep.base_losses[key], color=color, ls="--", lw=1, label=f"base: {key}")
     ax_size.plot(ranks, [r["adapter_bytes"] / 1024 for r in sweep.rows], "o-", color="C2")
+    ax_size.set_yscale("log", base=2)  # bytes grow ~linearly in r: a straight line on log-log axes
     for ax in (ax_loss, ax_size):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])

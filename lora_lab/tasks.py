@@ -1,9 +1,9 @@
 """Downstream tasks made from tiny-shakespeare itself: what LoRA adapts the base model *to*.
 
 The text is a sequence of speeches ("turns") separated by blank lines, each starting "SPEAKER:".
-- The *source domain* is what the base GPT is pretrained on: the train split with every speech of
-  the held-out play removed. Its validation text is the dataset's validation split.
-- `romeo_juliet` (held-out domain): the speeches of Romeo and Juliet's cast, which the base never saw.
+- The *source domain* is what the base GPT is pretrained on: the train split with the held-out play removed. Its validation text is the dataset's validation split.
+- `romeo_juliet` (held-out domain): the play Romeo and Juliet (~44%-57% of the train split), which the
+  base never saw.
 - `shout` (style change): the source text in upper case, a deterministic rewrite of every character.
 Every task reports the target-domain loss (adaptation) and the source-domain loss (forgetting).
 """
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The cast of Romeo and Juliet as the speakers are named in tiny-shakespeare. All their speeches lie
-# in the train split (characters ~40%-51%), so removing them leaves validation untouched.
+# Romeo and Juliet's characters as tiny-shakespeare names them. Some names (MONTAGUE, PRINCE, Page,
+# even JULIET) also speak in other plays, so the play is found as a contiguous stretch of speeches (see
+# `play_span`), anchored on names that occur in no other play.
 ROMEO_JULIET_CAST = frozenset(
     {
         "ROMEO", "JULIET", "Nurse", "MERCUTIO", "BENVOLIO", "TYBALT", "CAPULET", "LADY CAPULET",
@@ -20,7 +21,8 @@ ROMEO_JULIET_CAST = frozenset(
         "GREGORY", "ABRAHAM", "BALTHASAR", "PETER", "Second Capulet", "Page",
     }
 )
-TARGET_VAL_FRACTION = 0.1  # the last 10% of the held-out speeches are the target validation text
+ROMEO_JULIET_ONLY = frozenset({"ROMEO", "MERCUTIO", "BENVOLIO", "TYBALT", "FRIAR LAURENCE", "Nurse", "LADY CAPULET"})
+TARGET_VAL_FRACTION = 0.1  # the last 10% of the held-out play is the target validation text
 
 
 def split_turns(text: str) -> list[str]:
@@ -29,21 +31,41 @@ def split_turns(text: str) -> list[str]:
 
 
 def speaker_of(turn: str) -> str | None:
-    first = turn.split("\n", 1)[0]
+    first = turn.lstrip("\n").split("\n", 1)[0]
     return first[:-1].strip() if first.endswith(":") else None
 
 
-def partition_by_speaker(text: str, speakers: frozenset[str]) -> tuple[str, str]:
-    """(text of speeches by `speakers`, text of all other speeches), each in original order."""
-    held, kept = [], []
-    for turn in split_turns(text):
-        (held if speaker_of(turn) in speakers else kept).append(turn)
-    return "".join(held), "".join(kept)
+def _is(turn: str, names: frozenset[str]) -> bool:
+    # The text spells some names in two ways ("Page"/"PAGE", "LADY  CAPULET"): compare normalised.
+    speaker = speaker_of(turn)
+    return speaker is not None and " ".join(speaker.split()).upper() in {n.upper() for n in names}
+
+
+def play_span(turns: list[str], anchors=ROMEO_JULIET_ONLY, cast=ROMEO_JULIET_CAST) -> tuple[int, int]:
+    """(first, last + 1) turn indices of the play: from the first to the last speech by an anchor
+    character, widened over the cast speeches right before and after (the play opens with Sampson
+    and Gregory and closes with the Prince)."""
+    anchored = [i for i, t in enumerate(turns) if _is(t, anchors)]
+    if not anchored:
+        raise ValueError(f"No speech by {sorted(anchors)} in this text: it does not contain Romeo and Juliet.")
+    start, stop = anchored[0], anchored[-1] + 1
+    while start > 0 and _is(turns[start - 1], cast):
+        start -= 1
+    while stop < len(turns) and _is(turns[stop], cast):
+        stop += 1
+    return start, stop
+
+
+def partition_play(text: str) -> tuple[str, str]:
+    """(the speeches of Romeo and Juliet, every other speech), each in original order."""
+    turns = split_turns(text)
+    start, stop = play_span(turns)
+    return "".join(turns[start:stop]), "".join(turns[:start] + turns[stop:])
 
 
 def source_domain(splits: dict[str, str]) -> dict[str, str]:
     """What the base model is pretrained on: train minus the held-out play; the usual validation split."""
-    _, kept = partition_by_speaker(splits["train"], ROMEO_JULIET_CAST)
+    _, kept = partition_play(splits["train"])
     return {"train": kept, "validation": splits["validation"]}
 
 
@@ -57,12 +79,12 @@ class Task:
 
 
 def romeo_juliet(splits: dict[str, str]) -> Task:
-    held, _ = partition_by_speaker(splits["train"], ROMEO_JULIET_CAST)
+    held, _ = partition_play(splits["train"])
     cut = int(len(held) * (1 - TARGET_VAL_FRACTION))
     cut = held.rindex("\n\n", 0, cut) + 2  # split between speeches, not inside one
     return Task(
         name="romeo_juliet",
-        description="Held-out domain: the speeches of Romeo and Juliet's cast, removed from pretraining.",
+        description="Held-out domain: the play Romeo and Juliet, removed from pretraining.",
         train=held[:cut],
         validation=held[cut:],
         source_validation=splits["validation"],

@@ -72,7 +72,7 @@ def test_help_explains_every_option_of_every_subcommand(capsys):
         (["finetune", "--task", "hamlet"], "argument --task: invalid choice: 'hamlet'"),
         (["tour", "--device", "tpu"], "argument --device: Unknown device 'tpu'"),
         (["sample", "--adapter", "{tmp}/missing"], "adapter folder '{tmp}/missing' does not exist"),
-        (["merge", "--adapter", "{tmp}/missing", "--out", "{tmp}/merged"], "adapter folder '{tmp}/missing' does not exist"),
+        (["merge", "--adapter", "{tmp}/missing", "--out", "{tmp}/m"], "adapter folder '{tmp}/missing' does not exist"),
         (["merge", "--adapter", "{tmp}"], "is not a LoRA adapter folder"),
         (["sample", "--temperature", "0"], "argument --temperature: must be a positive number, got '0'"),
         (["finetune", "--lr", "fast"], "argument --lr: must be a positive number, got 'fast'"),

@@ -134,13 +134,13 @@ def test_rank_sweep_writes_a_table_and_a_plot(setup, tmp_path):
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
     out = tmp_path / "sweep"
-    sweep = rank_sweep(base, task, tokenizer, [1, 2, 4], ("q_proj", "v_proj"), None, quick(max_iters=15), out,
+    sweep = rank_sweep(base, task, tokenizer, [1, 2, 4], ("q_proj", "v_proj"), 4.0, quick(max_iters=15), out,
                        progress=False, **EVAL)
     assert sorted(p.name for p in out.iterdir()) == ["sweep.csv", "sweep.png"]  # no temporary files left
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["rank"]) for r in rows] == [1, 2, 4]
-    assert {float(r["alpha"]) for r in rows} == {1.0}  # alpha is the first rank, then fixed
+    assert {float(r["alpha"]) for r in rows} == {4.0}  # one alpha for every rank
     params = [int(r["trainable_params"]) for r in rows]
     assert params == [r * 4 * (32 + 32) for r in (1, 2, 4)]  # q and v in 2 blocks: r (d + k) each
     sizes = [int(r["adapter_bytes"]) for r in rows]
@@ -169,11 +169,14 @@ def test_bad_input_is_refused_before_any_work(setup, tmp_path):
 def test_finetune_config_defaults_and_short_runs():
     assert finetune_config() == FINETUNE_DEFAULTS["lora"]
     assert finetune_config(full=True).learning_rate < finetune_config().learning_rate
-    short = finetune_config(max_iters=20)
-    assert short.max_iters == 20 and short.warmup_iters == 2 and short.eval_interval == 3
+    short = finetune_config(max_iters=40)
+    assert short.max_iters == 40 and short.warmup_iters == 4 and short.eval_interval == 3
     assert finetune_config(max_iters=20, warmup_iters=0).warmup_iters == 0
 
 
 def test_format_table():
-    text = format_table([{"a": 1, "b": 0.5}, {"a": 22, "b": None}])
-    assert text.splitlines() == ["| a  | b      |", "| -- | ------ |", "| 1  | 0.5000 |", "| 22 | -      |"]
+    text = format_table([{"a": 1, "b": 0.5, "c": 16.0}, {"a": 22, "b": None, "c": 2.5}], formats={"c": ".1f"})
+    assert text.splitlines() == [
+        "| a  | b      | c    |", "| -- | ------ | ---- |", "| 1  | 0.5000 | 16.0 |", "| 22 | -      | 2.5  |"
+    ]
+    assert format_table([{"alpha": 16.0, "loss": 1.23456}]).splitlines()[2] == "| 16    | 1.2346 |"

@@ -12,20 +12,27 @@ import pytest
 
 from lora_lab import load_splits
 from lora_lab.tasks import (
-    ROMEO_JULIET_CAST, make_task, partition_by_speaker, source_domain, speaker_of, split_turns,
+    ROMEO_JULIET_ONLY, make_task, play_span, source_domain, speaker_of, split_turns,
 )
 
 
 def write_synthetic_corpus(path, n_turns: int = 3000, seed: int = 0):
-    """A Shakespeare-shaped text: speeches by Romeo and Juliet's cast and by others, every letter in both cases."""
+    """A Shakespeare-shaped text: other plays, then a stretch of Romeo and Juliet (opened by Sampson,
+    closed by the Prince), then other plays again, which also have a JULIET and a PRINCE of their own."""
     rng = random.Random(seed)
-    speakers = ["ROMEO", "JULIET", "Nurse", "First Citizen", "KING RICHARD III", "GLOUCESTER", "MENENIUS"]
+    others = ["First Citizen", "KING RICHARD III", "GLOUCESTER", "MENENIUS", "JULIET", "PRINCE"]
+    cast = ["ROMEO", "JULIET", "Nurse", "MERCUTIO", "CAPULET"]
     words = "the and of love night fair sword king crown death lord my thy thee heaven quick zeal joy vex".split()
-    turns = ["ALPHABET:\n" + string.ascii_letters + " .,;:!?'-"]
-    for _ in range(n_turns):
+
+    def speech(speaker):
         lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + rng.choice(".,!?;")
                  for _ in range(rng.randint(1, 3))]
-        turns.append(rng.choice(speakers) + ":\n" + "\n".join(lines))
+        return speaker + ":\n" + "\n".join(lines)
+
+    turns = ["ALPHABET:\n" + string.ascii_letters + " .,;:!?'-"]
+    turns += [speech(rng.choice(others[:4])) for _ in range(n_turns // 3)]
+    turns += [speech("SAMPSON")] + [speech(rng.choice(cast)) for _ in range(n_turns // 3)] + [speech("PRINCE")]
+    turns += [speech(rng.choice(others)) for _ in range(n_turns // 3)]
     path.write_text("\n\n".join(turns) + "\n")
     return path
 
@@ -44,22 +51,26 @@ def test_tasks_are_deterministic(splits):
 def test_romeo_juliet_speeches_are_absent_from_the_source_domain(splits):
     source = source_domain(splits)
     speakers = [speaker_of(t) for t in split_turns(source["train"])]
-    assert speakers and not set(speakers) & ROMEO_JULIET_CAST
+    assert speakers and not set(speakers) & ROMEO_JULIET_ONLY
     task = make_task("romeo_juliet", splits)
     # Every speech of the train split is in exactly one of the two: nothing lost, nothing left behind.
     assert Counter(split_turns(task.train + task.validation)) + Counter(split_turns(source["train"])) == Counter(
         split_turns(splits["train"])
     )
-    held = {speaker_of(t) for t in split_turns(task.train + task.validation)}
-    assert held <= ROMEO_JULIET_CAST and {"ROMEO", "JULIET"} <= held
+    held = [speaker_of(t) for t in split_turns(task.train + task.validation)]
+    assert {"ROMEO", "JULIET"} <= set(held) and (held[0], held[-1]) == ("SAMPSON", "PRINCE")
+    # Other plays' JULIET and PRINCE stay in the source domain.
+    assert {"JULIET", "PRINCE"} <= set(speakers)
     assert source["validation"] == splits["validation"] == task.source_validation
 
 
 def test_romeo_juliet_validation_does_not_overlap_its_train(splits):
     task = make_task("romeo_juliet", splits)
-    held, _ = partition_by_speaker(splits["train"], ROMEO_JULIET_CAST)
+    turns = split_turns(splits["train"])
+    start, stop = play_span(turns)
+    held = "".join(turns[start:stop])  # one contiguous stretch of speeches
     assert task.train + task.validation == held  # a clean cut between speeches
-    assert task.train.endswith("\n\n") and speaker_of(split_turns(task.validation)[0]) in ROMEO_JULIET_CAST
+    assert task.train.endswith("\n\n") and speaker_of(split_turns(task.validation)[0]) is not None
     assert 0.05 < len(task.validation) / len(held) < 0.15
     # No long validation speech appears verbatim in the train text (short ones like "Ay." may repeat).
     train_turns = set(split_turns(task.train))
