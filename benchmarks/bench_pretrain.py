@@ -39,9 +39,11 @@ def main() -> None:
     start = time.perf_counter()
     result = train(model, data.splits["train"], data.splits["validation"], train_config, progress=False)
     wall = time.perf_counter() - start
+    # nanoGPT validates on the last 10% of input.txt, which is this dataset's validation + test splits.
+    nanogpt_val = torch.cat([data.splits["validation"], data.splits["test"]])
     final = estimate_loss(
         model,
-        {"train": data.splits["train"], "val": data.splits["validation"]},
+        {"train": data.splits["train"], "val": data.splits["validation"], "nanogpt_val": nanogpt_val},
         batch_size=12, eval_iters=args.final_eval_iters, seed=0, device=next(model.parameters()).device,
     )
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -52,7 +54,8 @@ def main() -> None:
           f"(training steps only; wall time with evaluations {wall:.1f} s)")
     for ev in result.evals:
         print(f"  iter {ev['iter']:5d}: train {ev['train']:.4f}  val {ev['val']:.4f}  (20 batches)")
-    print(f"final loss over {args.final_eval_iters} batches: train {final['train']:.4f}  val {final['val']:.4f}")
+    print(f"final loss over {args.final_eval_iters} batches: train {final['train']:.4f}  val {final['val']:.4f}  "
+          f"nanoGPT's val (last 10%: validation + test) {final['nanogpt_val']:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
-"""lora_lab: learn and prototype LoRA on a from-scratch character-level GPT."""
+"""lora_lab: learn and prototype LoRA on a from-scratch character-level GPT.
+
+Modules, in the order they build on each other: data -> model -> lora -> train -> finetune ->
+widgets/exercises -> cli.
+"""
 from .data import CharDataset, CharTokenizer, DataUnavailableError, get_batch, load_splits
 from .model import GPT, GPTConfig
+from .lora import (
+    AdapterBank, AdapterMismatchError, LoRAConfig, LoRAError, LoRALinear, ParameterReport, apply_lora,
+    load_adapter, lora_layers, merge_and_unload, merge_lora, parameter_report, save_adapter,
+    set_lora_enabled, unmerge_lora,
+)
+from .peft_interop import export_peft, import_peft
 from .train import TrainConfig, TrainResult, estimate_loss, pick_device, train
 from .checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
+from . import tasks
+from .pretrained import PRESETS, Pretrained, pretrained_base
+from . import finetune  # the module: finetune.finetune, finetune.compare_methods, finetune.rank_sweep
 
 __version__ = "0.1.0"
-from .pretrained import PRESETS, Pretrained, pretrained_base
-from . import tasks
-from .lora import (AdapterBank, AdapterMismatchError, LoRAConfig, LoRAError, LoRALinear, ParameterReport, apply_lora,
-                   load_adapter, lora_layers, merge_and_unload, merge_lora, parameter_report, save_adapter,
-                   set_lora_enabled, unmerge_lora)
-from .peft_interop import export_peft, import_peft

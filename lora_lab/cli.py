@@ -19,10 +19,10 @@ import torch
 from . import tasks
 from .checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from .data import CharTokenizer, DataUnavailableError
-from .files import CorruptFileError, read_json, write_json_atomic
+from .files import CorruptFileError, read_json, write_file_atomic, write_json_atomic
 from .finetune import (
     DEFAULT_TARGETS, EVAL_ITERS, FINETUNE_DEFAULTS, FinetuneResult, finetune,
-    finetune_config, format_table, plot_loss_curves, rank_sweep, write_file_atomic,
+    finetune_config, format_table, plot_loss_curves, rank_sweep,
 )
 from .lora import LoRAConfig, load_adapter, merge_and_unload, save_adapter
 from .pretrained import PRESETS, Pretrained, pretrained_base

@@ -21,19 +21,26 @@ class CorruptFileError(ValueError):
     """A checkpoint or adapter file that cannot be read or is not what it claims to be."""
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
+def write_file_atomic(path: str | os.PathLike, content: bytes | str) -> Path:
+    """Write one file through a temporary sibling and a rename: readers see the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = content.encode() if isinstance(content, str) else content
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    return write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def write_bundle(directory: str | os.PathLike, files: dict[str, dict | dict[str, torch.Tensor]]) -> Path:

@@ -23,6 +23,7 @@ import torch
 
 from .checkpoint import save_checkpoint
 from .data import CharTokenizer
+from .files import write_file_atomic
 from .lora import LoRAConfig, apply_lora, save_adapter, set_lora_enabled
 from .model import GPT
 from .tasks import Task
@@ -204,25 +205,7 @@ def checkpoint_bytes(model: GPT) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tables, plots and atomic files
-
-
-def write_file_atomic(path: str | os.PathLike, content: bytes | str) -> Path:
-    """Write one file through a temporary sibling and a rename: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = content.encode() if isinstance(content, str) else content
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+# Tables and plots
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None, formats: dict[str, str] | None = None) -> str:

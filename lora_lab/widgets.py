@@ -24,7 +24,7 @@ import ipywidgets as W
 import torch
 from matplotlib.figure import Figure
 
-from .finetune import finetune
+from .finetune import finetune, finetune_config
 from .lora import LoRAConfig
 from .model import GPT, GPTConfig, count_parameters_formula
 from .train import TrainConfig, autocast_for, make_optimizer
@@ -600,12 +600,14 @@ class RankDashboard(_Widget):
     Quality is the target-domain validation loss after a short fine-tune, computed once per setting and
     cached, so moving a control back to a setting already seen is instant (`from_cache` tells which).
     `evaluate(lora_config_or_None) -> {"target": loss, "source": loss}` does the fine-tuning; by default it
-    is `finetune.finetune` with `train_config`, without a progress bar.
+    is `finetune.finetune` without a progress bar: LoRA with `train_config`, full fine-tuning (the reference
+    point, `include_full`) with `full_train_config`, by default the full fine-tuning defaults at the same
+    number of steps, batch size and device (full fine-tuning needs a smaller learning rate than LoRA).
     """
 
     def __init__(self, base_model: GPT, task=None, tokenizer=None, train_config: TrainConfig | None = None,
                  ranks=(1, 2, 4, 8, 16), r: int = 4, groups=("Wq", "Wv"), alpha: float = 16.0,
-                 evaluate=None, include_full: bool = True):
+                 evaluate=None, include_full: bool = True, full_train_config: TrainConfig | None = None):
         ranks = sorted(set(ranks))
         if r not in ranks:
             raise ValueError(f"The starting rank r={r} is not one of the ranks {ranks}.")
@@ -616,6 +618,10 @@ class RankDashboard(_Widget):
             raise ValueError("RankDashboard needs a task and a tokenizer to fine-tune (or an evaluate function).")
         self.base_model, self.task, self.tokenizer = base_model, task, tokenizer
         self.train_config = train_config
+        if full_train_config is None and train_config is not None:
+            same = ("max_iters", "batch_size", "eval_interval", "eval_iters", "seed", "device", "bf16")
+            full_train_config = finetune_config(full=True, **{k: getattr(train_config, k) for k in same})
+        self.full_train_config = full_train_config
         # alpha stays fixed while r changes, as in the paper: with Adam, the size of the update B @ A then
         # hardly depends on r, so every rank gets a fair comparison at one learning rate.
         self.alpha = float(alpha)
@@ -647,7 +653,8 @@ class RankDashboard(_Widget):
         return LoRAConfig(r=r, alpha=self.alpha, targets=targets)
 
     def _finetune(self, lora: LoRAConfig | None) -> dict[str, float]:
-        res = finetune(self.base_model, self.task, self.tokenizer, lora, self.train_config, progress=False,
+        cfg = self.train_config if lora is not None else self.full_train_config
+        res = finetune(self.base_model, self.task, self.tokenizer, lora, cfg, progress=False,
                        base_losses=self._base_losses)
         self._base_losses = res.base_losses
         self.base_losses = dict(res.base_losses)

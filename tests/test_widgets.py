@@ -359,6 +359,10 @@ def test_rank_dashboard_fine_tunes_for_real(tiny_model_and_tokenizer):
     cfg = finetune_config(max_iters=4, batch_size=2, eval_iters=1)
     dash = widgets.RankDashboard(model, task, tok, cfg, ranks=(1, 2), r=1, groups=("Wq",), include_full=False)
     assert dash.full is None and dash.fine_tunes == 1
+    # full fine-tuning, when asked for, gets its own (smaller) learning rate at the same budget
+    full_defaults = finetune_config(full=True)
+    assert dash.full_train_config.learning_rate == full_defaults.learning_rate != cfg.learning_rate
+    assert (dash.full_train_config.max_iters, dash.full_train_config.batch_size) == (4, 2)
     assert math.isfinite(dash.current.target_loss) and set(dash.base_losses) == {"target", "source"}
     first = dash.current
     dash.rank.value = 2
