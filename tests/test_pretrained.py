@@ -10,8 +10,10 @@ FAST = TrainConfig(max_iters=20, batch_size=4, eval_interval=10, eval_iters=2, w
 
 @pytest.fixture
 def text_file(tmp_path):
-    # A small corpus in tiny-shakespeare's shape: speeches separated by blank lines.
+    # A small corpus in tiny-shakespeare's shape: speeches separated by blank lines, with a stretch of
+    # Romeo and Juliet in the middle (the held-out play, which pretraining leaves out).
     speeches = [f"SPEAKER {i % 3}:\nWords of speech number {i}, said plainly.\n" for i in range(300)]
+    speeches[140:160] = [f"ROMEO:\nBut soft, what light {i}.\n" for i in range(20)]
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(speeches))
     return path
