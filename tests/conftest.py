@@ -21,6 +21,15 @@ def real_data_source() -> str:
     return source
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The test models are tiny: a second thread gains nothing, and on a busy machine its barriers cost ~10x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     # No test may read or write the user's real model cache.

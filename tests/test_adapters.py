@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_lab import (
-    GPT,
     AdapterBank,
     AdapterMismatchError,
     GPTConfig,
@@ -23,17 +22,7 @@ from lora_lab import (
 )
 from lora_lab.files import CorruptFileError
 
-TINY = GPTConfig(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=32)
-
-
-def tiny_gpt(config=TINY, seed=0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(config).eval()
-
-
-def tokens(config=TINY, batch=3, seed=1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, config.vocab_size, (batch, config.block_size), generator=gen)
+from tiny_models import TINY, tiny_gpt, tokens
 
 
 def adapted(base, config, seed):

@@ -25,15 +25,6 @@ def base_args(tmp_path_factory):
     return ["--data", str(source), "--cache", str(cache), "--pretrain-iters", "20", "--device", "cpu", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy shared CPU its barriers cost ~10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

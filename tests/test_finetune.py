@@ -15,15 +15,6 @@ from test_tasks import write_synthetic_corpus
 EVAL = dict(eval_batch_size=16, eval_iters=8)  # small, fixed evaluation batches: fast and still comparable
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy shared CPU its barriers cost ~10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quick(full: bool = False, **overrides) -> TrainConfig:
     lr = 1e-3 if full else 5e-3
     return finetune_config(full=full, **{"max_iters": 80, "learning_rate": lr, "device": "cpu", **overrides})
