@@ -95,7 +95,10 @@ def shout(splits: dict[str, str]) -> Task:
     source = source_domain(splits)
     return Task(
         name="shout",
-        description="Style change: the same text written in upper case.",
+        description=(
+            "Style change: the same text written in upper case. Here a higher source loss is the task itself "
+            "(a model that writes capitals finds lower case unlikely), not forgetting in the usual sense."
+        ),
         train=source["train"].upper(),
         validation=source["validation"].upper(),
         source_validation=source["validation"],
