@@ -22,7 +22,7 @@ from lora_lab import (
 )
 from lora_lab.files import CorruptFileError
 
-from tiny_models import TINY, tiny_gpt, tokens
+from tiny_models import TINY, assert_same, snapshot, tiny_gpt, tokens
 
 
 def adapted(base, config, seed):
@@ -34,22 +34,6 @@ def adapted(base, config, seed):
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)
     return model
-
-
-def snapshot(model):
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {k: p.requires_grad for k, p in model.named_parameters()},
-        [(n, type(m).__name__) for n, m in model.named_modules()],
-        getattr(model, "lora_config", None),
-    )
-
-
-def assert_same(model, snap):
-    state, grads, structure, config = snapshot(model)
-    assert (grads, structure, config) == snap[1:]
-    assert state.keys() == snap[0].keys()
-    assert all(torch.equal(state[k], snap[0][k]) for k in state)
 
 
 def file_hashes(path: Path) -> dict:

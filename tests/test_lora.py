@@ -24,7 +24,7 @@ from lora_lab import (
 )
 from lora_lab.model import count_parameters_formula
 
-from tiny_models import TINY, tiny_gpt, tokens
+from tiny_models import TINY, assert_same, snapshot, tiny_gpt, tokens
 
 
 def randomize_B(model, seed=2, std=0.5):
@@ -33,26 +33,6 @@ def randomize_B(model, seed=2, std=0.5):
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * std)
-
-
-def snapshot(model):
-    """Everything a failed call must leave alone: values, requires_grad flags and module structure."""
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {k: p.requires_grad for k, p in model.named_parameters()},
-        [(n, type(m).__name__) for n, m in model.named_modules()],
-        getattr(model, "lora_config", None),
-    )
-
-
-def assert_same(model, snap):
-    state, grads, structure, config = snapshot(model)
-    assert structure == snap[2]
-    assert grads == snap[1]
-    assert config == snap[3]
-    assert state.keys() == snap[0].keys()
-    for k in state:
-        assert torch.equal(state[k], snap[0][k]), k
 
 
 # --- the layer -----------------------------------------------------------------------------------
