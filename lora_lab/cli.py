@@ -24,7 +24,8 @@ from .finetune import (
     DEFAULT_TARGETS, EVAL_ITERS, FINETUNE_DEFAULTS, FinetuneResult, finetune,
     finetune_config, format_table, plot_loss_curves, rank_sweep,
 )
-from .lora import LoRAConfig, load_adapter, merge_and_unload, save_adapter
+from .lora import LoRAConfig, apply_lora, load_adapter, merge_and_unload, save_adapter
+from .model import GPT
 from .pretrained import PRESETS, Pretrained, pretrained_base
 from .train import pick_device
 
@@ -289,7 +290,10 @@ def _train_config(args, full: bool):
 def _lora_config(args, rank: int | None = None) -> LoRAConfig:
     rank = rank or args.rank
     alpha = args.alpha if args.alpha is not None else 2.0 * rank
-    return LoRAConfig(r=rank, alpha=alpha, targets=tuple(args.targets))
+    config = LoRAConfig(r=rank, alpha=alpha, targets=tuple(args.targets))
+    # Try it on an untrained GPT of the preset's shape, so a bad target or rank fails now, not after pretraining.
+    apply_lora(GPT(PRESETS[args.preset][0]), config)
+    return config
 
 
 def _base_record(args, base: Pretrained, task: str) -> dict:

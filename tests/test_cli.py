@@ -68,6 +68,8 @@ def test_help_explains_every_option_of_every_subcommand(capsys):
         (["sample", "--temperature", "0"], "argument --temperature: must be a positive number, got '0'"),
         (["finetune", "--lr", "fast"], "argument --lr: must be a positive number, got 'fast'"),
         (["finetune", "--targets", ","], "argument --targets: needs at least one module name"),
+        (["finetune", "--targets", "qproj"], "LoRA target 'qproj' matches no module"),
+        (["tour", "--rank", "200"], "LoRA rank r=200 exceeds min(d, k)"),
         (["train"], "argument COMMAND: invalid choice: 'train'"),
         ([], "the following arguments are required: COMMAND"),
     ],
