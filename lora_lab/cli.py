@@ -19,7 +19,7 @@ import torch
 from . import tasks
 from .checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from .data import CharTokenizer, DataUnavailableError
-from .files import CorruptFileError, read_json, write_file_atomic, write_json_atomic
+from .files import CorruptFileError, folder_bytes, read_json, write_file_atomic, write_json_atomic
 from .finetune import (
     DEFAULT_TARGETS, EVAL_ITERS, FINETUNE_DEFAULTS, FinetuneResult, finetune,
     finetune_config, format_table, plot_loss_curves, rank_sweep,
@@ -329,10 +329,6 @@ def _adapted_model(args, adapter: Path):
     return model, tokenizer, record
 
 
-def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 @torch.no_grad()
 def _max_logit_gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
     """Largest |logit difference| between two models on a fixed random batch: ~0 if they are the same function."""
@@ -413,7 +409,7 @@ def cmd_finetune(args) -> int:
         _save_adapter(res, args, base, out)
     _say(format_table(_loss_rows([res], base.model.num_parameters())))
     what = "checkpoint" if args.full else "adapter"
-    _say(f"saved the {what} to {out} ({_folder_bytes(out):,} bytes)")
+    _say(f"saved the {what} to {out} ({folder_bytes(out):,} bytes)")
     return 0
 
 
@@ -424,8 +420,8 @@ def cmd_merge(args) -> int:
     gap = _max_logit_gap(model, merged)
     meta = {**record, "merged_from": str(args.adapter.resolve()), "vocab": "".join(tokenizer.chars)}
     save_checkpoint(merged, out, metadata=meta)
-    _say(f"merged {args.adapter} into {out} ({_folder_bytes(out):,} bytes; adapter: "
-         f"{_folder_bytes(args.adapter):,} bytes)")
+    _say(f"merged {args.adapter} into {out} ({folder_bytes(out):,} bytes; adapter: "
+         f"{folder_bytes(args.adapter):,} bytes)")
     _say(f"max |logits(merged) - logits(base + adapter)| = {gap:.2e}")
     return 0
 
@@ -481,7 +477,7 @@ def cmd_tour(args) -> int:
         **_base_record(args, base, task.name), "merged_from": str(adapter_dir.resolve())})
     gap = _max_logit_gap(lora_res.model.cpu(), merged)
     merge_ok = gap < 1e-4
-    adapter_size, merged_size = _folder_bytes(adapter_dir), _folder_bytes(merged_dir)
+    adapter_size, merged_size = folder_bytes(adapter_dir), folder_bytes(merged_dir)
     curves = plot_loss_curves(results, out / "loss_curves.png")
 
     prompt = TOUR_PROMPTS.get(task.name, "\n")

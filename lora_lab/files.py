@@ -75,6 +75,11 @@ def write_bundle(directory: str | os.PathLike, files: dict[str, dict | dict[str,
     return directory
 
 
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of every file under `path` (an adapter or checkpoint folder)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():

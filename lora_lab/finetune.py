@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import save_checkpoint
 from .data import CharTokenizer
-from .files import write_file_atomic
+from .files import folder_bytes, write_file_atomic
 from .lora import LoRAConfig, apply_lora, save_adapter, set_lora_enabled
 from .model import GPT
 from .tasks import Task
@@ -186,22 +186,18 @@ def finetune(
 # Sizes on disk
 
 
-def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def adapter_bytes(model: GPT) -> int:
     """Bytes on disk of the model's LoRA adapter, as `save_adapter` writes it."""
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(model, Path(tmp) / "adapter")
-        return _folder_bytes(Path(tmp) / "adapter")
+        return folder_bytes(Path(tmp) / "adapter")
 
 
 def checkpoint_bytes(model: GPT) -> int:
     """Bytes on disk of a full checkpoint of a plain GPT, as `save_checkpoint` writes it."""
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, Path(tmp) / "checkpoint")
-        return _folder_bytes(Path(tmp) / "checkpoint")
+        return folder_bytes(Path(tmp) / "checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------
