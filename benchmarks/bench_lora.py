@@ -91,9 +91,10 @@ def peft_model(base, lora: LoRAConfig):
 def bench_training(base, device, batch, rounds):
     print(f"\n## Training step (batch {batch} x {base.config.block_size} tokens, AdamW, forward+backward+step)")
     # The floor: every weight frozen and no LoRA branch, but gradients still flow back through every layer
-    # (pos_emb is trainable), which is what LoRA would cost if its A/B branch were free.
+    # (the token embedding, tied to the 65-wide head, is trainable), which is what LoRA would cost if its A/B
+    # branch were free.
     floor = copy.deepcopy(base).requires_grad_(False)
-    floor.pos_emb.weight.requires_grad_(True)
+    floor.tok_emb.weight.requires_grad_(True)
     models = {
         "full fine-tune": copy.deepcopy(base),
         "lora_lab LoRA": apply_lora(copy.deepcopy(base), LORA),

@@ -186,15 +186,19 @@ def check_count_parameters(count_parameters) -> CheckReport:
         GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),
         GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=16),
         GPTConfig(vocab_size=33, block_size=32, n_layer=3, n_head=2, n_embd=48, bias=True),
+        GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, positions="learned"),
+        GPTConfig(vocab_size=33, block_size=32, n_layer=3, n_head=2, n_embd=48, bias=True, positions="learned"),
     ]
     for config in configs:
         expected = GPT(config).num_parameters()
-        case = f"{config.n_layer} layers, n_embd {config.n_embd}, bias={config.bias}"
+        case = f"{config.n_layer} layers, n_embd {config.n_embd}, bias={config.bias}, positions={config.positions!r}"
         ok, got = _call(report, case, count_parameters, config)
         if ok:
             hint = ""
             if got == expected + config.vocab_size * config.n_embd:
                 hint = " (lm_head shares its weight with tok_emb: count it once)"
+            elif abs(got - expected) == config.block_size * config.n_embd:
+                hint = " (only positions='learned' has a position table, block_size x n_embd; rotary has none)"
             report.check(got == expected, f"{case}: {expected:,}", f"{case}: got {got!r}, expected {expected:,}{hint}")
     return report
 

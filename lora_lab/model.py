@@ -3,6 +3,10 @@
 Shapes: B = batch, T = time (sequence length), C = n_embd, H = n_head, D = C // H.
 Attention has separate q_proj, k_proj, v_proj and o_proj layers: they are the LoRA paper's
 Wq, Wk, Wv and Wo, so each can be targeted on its own.
+
+Positions are rotary by default (RoPE, Su et al. 2021): q and k are rotated by an angle that grows with
+the position, so q·k depends only on how far apart two characters are. With nanoGPT's budget this
+reaches a much lower loss than a learned position table; positions="learned" keeps nanoGPT's model.
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+POSITIONS = ("rope", "learned")
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 65
@@ -25,6 +32,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm layers
+    positions: str = "rope"  # "rope": rotary q/k in attention; "learned": nanoGPT's position embedding table
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -35,6 +43,12 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"GPTConfig.positions must be one of {POSITIONS}, got {self.positions!r}.")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"Rotary positions need an even head size; n_embd/n_head = {self.n_embd // self.n_head}."
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,12 +59,30 @@ class GPTConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"Unknown GPTConfig field(s): {sorted(unknown)}.")
-        return cls(**d)
+        # Configs saved before `positions` existed describe the learned-table model.
+        return cls(**{"positions": "learned", **d})
 
     def fingerprint(self) -> str:
         """A short hash of the architecture (dropout excluded: it does not change any weight's shape)."""
         arch = {k: v for k, v in self.to_dict().items() if k != "dropout"}
         return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rotary_tables(head_size: int, block_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, (block_size, head_size // 2): position t turns channel
+    pair i by t * base**(-2i / head_size), fast for early pairs and slow for late ones."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (D/2,)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by position: channel i pairs with channel i + D/2, and each pair turns
+    like a point in the plane. A rotation keeps lengths, and q·k then sees only the angle between."""
+    T = x.size(-2)
+    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)  # (T, D/2); x's dtype, so bf16 autocast stays bf16
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -64,6 +96,11 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(C, C, bias=config.bias)  # Wv
         self.o_proj = nn.Linear(C, C, bias=config.bias)  # Wo
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.rotary = config.positions == "rope"
+        if self.rotary:  # fixed tables, rebuilt from the config, so not saved in checkpoints
+            cos, sin = rotary_tables(C // config.n_head, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -71,6 +108,8 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
         v = self.v_proj(x).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
+        if self.rotary:
+            q, k = apply_rotary(q, self.rope_cos, self.rope_sin), apply_rotary(k, self.rope_cos, self.rope_sin)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )  # (B, H, T, D)
@@ -110,7 +149,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        # nanoGPT's learned table: one vector per position, added to the token embedding
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -142,8 +182,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"Sequence length {T} exceeds block_size {self.config.block_size}.")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
@@ -187,4 +229,5 @@ def count_parameters_formula(config: GPTConfig) -> int:
     attn = 4 * (C * C + b * C)  # q, k, v, o
     mlp = (C * 4 * C + b * 4 * C) + (4 * C * C + b * C)  # up, down
     per_block = 2 * ln + attn + mlp
-    return V * C + P * C + L * per_block + ln  # tied head adds nothing
+    positions = P * C if config.positions == "learned" else 0  # rotary tables are fixed, not parameters
+    return V * C + positions + L * per_block + ln  # tied head adds nothing

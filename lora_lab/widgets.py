@@ -245,18 +245,21 @@ class LoRAShapeCounter(_Widget):
         )
 
 
-# Model shapes the counter can start from: (n_layer, d_model, vocab_size, block_size, bias).
+# Model shapes the counter can start from: (n_layer, d_model, vocab_size, block_size, bias, positions).
 MODEL_SHAPES = {
-    "lora_lab tiny": (4, 128, 65, 64, False),
-    "lora_lab small": (6, 384, 65, 256, False),
-    "GPT-2 small": (12, 768, 50257, 1024, True),
-    "GPT-3 175B": (96, 12288, 50257, 2048, True),
+    "lora_lab tiny": (4, 128, 65, 64, False, "rope"),
+    "lora_lab small": (6, 384, 65, 256, False, "rope"),
+    "GPT-2 small": (12, 768, 50257, 1024, True, "learned"),
+    "GPT-3 175B": (96, 12288, 50257, 2048, True, "learned"),
 }
 
 
-def model_config_for(n_layer: int, d_model: int, vocab_size: int, block_size: int, bias: bool) -> GPTConfig:
+def model_config_for(
+    n_layer: int, d_model: int, vocab_size: int, block_size: int, bias: bool, positions: str
+) -> GPTConfig:
     # n_head does not change any parameter count, so 1 head keeps every width valid.
-    return GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=1, n_embd=d_model, bias=bias)
+    return GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=1, n_embd=d_model,
+                     bias=bias, positions=positions)
 
 
 class ModelLoRACounter(_Widget):
@@ -291,8 +294,8 @@ class ModelLoRACounter(_Widget):
         self._update()
 
     def _update(self, change=None) -> None:
-        _, _, vocab_size, block_size, bias = MODEL_SHAPES[self.model.value]
-        config = model_config_for(self.n_layer.value, self.d_model.value, vocab_size, block_size, bias)
+        _, _, *shape = MODEL_SHAPES[self.model.value]
+        config = model_config_for(self.n_layer.value, self.d_model.value, *shape)
         self.base_params = count_parameters_formula(config)
         self.lora_params = transformer_lora_params(self.n_layer.value, self.d_model.value, self.r.value, self.targets.value)
         self.fraction = self.lora_params / self.base_params

@@ -1,6 +1,7 @@
 """The exercise checkers: a right answer passes, each typical wrong answer fails with a message saying why,
 and an exception in the learner's code becomes a failed check rather than a crash."""
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -77,6 +78,9 @@ def test_check_uniform_loss_and_count_parameters():
     assert exercises.check_count_parameters(count_parameters_formula).ok
     untied = lambda c: count_parameters_formula(c) + c.vocab_size * c.n_embd  # noqa: E731
     assert "count it once" in failures(exercises.check_count_parameters(untied))
+    always_a_table = lambda c: count_parameters_formula(replace(c, positions="learned"))  # noqa: E731
+    report = exercises.check_count_parameters(always_a_table)
+    assert not report.ok and "rotary has none" in failures(report)
 
 
 class _LoRA(nn.Module):

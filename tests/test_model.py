@@ -1,12 +1,17 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from lora_lab import GPT, GPTConfig
-from lora_lab.model import count_parameters_formula
+from lora_lab.model import apply_rotary, count_parameters_formula, rotary_tables
+
+POSITIONS = ["rope", "learned"]
 
 
-def test_logits_and_loss_shapes(tiny_config):
-    model = GPT(tiny_config)
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_logits_and_loss_shapes(tiny_config, positions):
+    model = GPT(replace(tiny_config, positions=positions))
     idx = torch.randint(0, tiny_config.vocab_size, (3, 10))
     logits, loss = model(idx)
     assert logits.shape == (3, 10, tiny_config.vocab_size) and loss is None
@@ -22,8 +27,9 @@ def test_initial_loss_is_near_uniform(tiny_config):
     assert abs(loss.item() - torch.log(torch.tensor(17.0)).item()) < 0.3
 
 
-def test_changing_a_future_token_never_changes_earlier_logits(tiny_config):
-    model = GPT(tiny_config).eval()
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_changing_a_future_token_never_changes_earlier_logits(tiny_config, positions):
+    model = GPT(replace(tiny_config, positions=positions)).eval()
     idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
     for t in (3, 9, 15):
         changed = idx.clone()
@@ -41,6 +47,8 @@ def test_changing_a_future_token_never_changes_earlier_logits(tiny_config):
         GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),
         GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384),
         GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=4, n_embd=16, bias=True),
+        GPTConfig(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=32, positions="learned"),
+        GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=4, n_embd=16, bias=True, positions="learned"),
     ],
 )
 def test_parameter_count_matches_the_formula(config):
@@ -51,8 +59,43 @@ def test_parameter_count_matches_the_formula(config):
 
 def test_the_10_65m_config_has_10_65m_parameters():
     config = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)
-    assert round(GPT(config).num_parameters() / 1e6, 2) == 10.75  # 10.65M excluding position embeddings
-    assert round((GPT(config).num_parameters() - 256 * 384) / 1e6, 2) == 10.65
+    assert round(GPT(config).num_parameters() / 1e6, 2) == 10.65  # rotary positions add no parameters
+    learned = GPT(replace(config, positions="learned")).num_parameters()
+    assert learned - GPT(config).num_parameters() == 256 * 384  # nanoGPT's table: one vector per position
+
+
+def test_rotary_attention_scores_depend_only_on_the_offset():
+    cos, sin = rotary_tables(head_size=8, block_size=32)
+    q, k = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    q_at = apply_rotary(q.expand(1, 1, 32, 8), cos, sin)[0, 0]  # the same q placed at positions 0..31
+    k_at = apply_rotary(k.expand(1, 1, 32, 8), cos, sin)[0, 0]
+    for offset in (0, 1, 5):
+        scores = torch.stack([q_at[t + offset] @ k_at[t] for t in range(32 - offset)])
+        assert torch.allclose(scores, scores[0].expand_as(scores), atol=1e-5)
+    assert not torch.allclose(q_at[3] @ k_at[0], q_at[1] @ k_at[0], atol=1e-3)  # different offsets differ
+    assert torch.allclose(q_at.norm(dim=-1), q.norm().expand(32), atol=1e-5)  # a rotation keeps lengths
+    assert torch.equal(q_at[0], q)  # position 0 is not turned
+
+
+def test_rotary_model_has_no_position_parameters_and_saves_no_tables(tiny_config):
+    model = GPT(tiny_config)
+    assert model.pos_emb is None
+    assert not any("rope" in name for name in model.state_dict())  # rebuilt from the config, not stored
+    learned = GPT(replace(tiny_config, positions="learned"))
+    assert "pos_emb.weight" in learned.state_dict()
+    assert not any("rope" in name for name, _ in learned.named_buffers())
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_bf16_autocast_forward_and_backward_run(tiny_config, positions):
+    # the path CUDA training takes: q and k come out of the Linear layers in bf16, the tables must follow
+    model = GPT(replace(tiny_config, positions=positions))
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    loss.backward()
+    assert model.blocks[0].attn.q_proj.weight.grad is not None
 
 
 def test_head_is_tied_to_the_embedding(tiny_config):
@@ -106,6 +149,8 @@ def test_top_k_one_is_greedy(tiny_config):
         ({"vocab_size": 2.5}, "vocab_size must be a positive integer"),
         ({"n_embd": 30, "n_head": 4}, "n_embd=30 must be divisible by n_head=4"),
         ({"dropout": 1.5}, "dropout"),
+        ({"positions": "alibi"}, "positions must be one of"),
+        ({"n_embd": 6, "n_head": 2}, "even head size; n_embd/n_head = 3"),
     ],
 )
 def test_bad_configs_are_refused(kwargs, message):
@@ -127,5 +172,12 @@ def test_config_round_trip_and_fingerprint(tiny_config):
     assert GPTConfig.from_dict(tiny_config.to_dict()) == tiny_config
     assert tiny_config.fingerprint() == GPTConfig.from_dict(tiny_config.to_dict()).fingerprint()
     assert tiny_config.fingerprint() != GPTConfig(**{**tiny_config.to_dict(), "n_layer": 3}).fingerprint()
+    assert tiny_config.fingerprint() != replace(tiny_config, positions="learned").fingerprint()
     with pytest.raises(ValueError, match="Unknown GPTConfig field"):
         GPTConfig.from_dict({**tiny_config.to_dict(), "n_layers": 3})
+
+
+def test_a_config_saved_before_positions_existed_loads_as_the_learned_table(tiny_config):
+    old = {k: v for k, v in tiny_config.to_dict().items() if k != "positions"}
+    assert GPTConfig.from_dict(old).positions == "learned"
+    assert GPTConfig.from_dict(tiny_config.to_dict()).positions == "rope"

@@ -289,9 +289,15 @@ def test_adapter_switcher_drives_the_bank(tiny_model_and_tokenizer, tmp_path):
     switcher = widgets.AdapterSwitcher(bank, tok, prompt="ab", length=25, seed=2)
     assert switcher.active is None and switcher.adapter.options[0] == widgets.AdapterSwitcher.BASE
     base_text = switcher.text
+    prompt = torch.tensor([tok.encode("ab")])
+    base_logits = bank.model(prompt)[0]
     switcher.adapter.value = "b"
     assert bank.active == "b" == switcher.active
-    assert switcher.text == widgets.sample_text(adapted["b"], tok, "ab", 25, seed=2) != base_text
+    # an untrained model's logits are near zero, so compare them as well as the (seeded) samples
+    adapted_logits = bank.model(prompt)[0]
+    assert torch.allclose(adapted_logits, adapted["b"](prompt)[0], atol=1e-3)
+    assert (adapted_logits - base_logits).abs().max() > 1e-2
+    assert switcher.text == widgets.sample_text(adapted["b"], tok, "ab", 25, seed=2)
     switcher.adapter.value = widgets.AdapterSwitcher.BASE
     assert bank.active is None and switcher.text == base_text
     switcher.prompt.value = "@"
