@@ -1,15 +1,15 @@
 """lora_lab: learn and prototype LoRA on a from-scratch character-level GPT.
 
-Modules, in the order they build on each other: data -> model -> lora -> train -> finetune ->
-widgets/exercises -> cli.
+Modules, in the order they build on each other: data -> model -> lora (-> adapters) -> train ->
+finetune -> widgets/exercises -> cli.
 """
 from .data import CharDataset, CharTokenizer, DataUnavailableError, get_batch, load_splits
 from .model import GPT, GPTConfig
 from .lora import (
-    AdapterBank, AdapterMismatchError, LoRAConfig, LoRAError, LoRALinear, ParameterReport, apply_lora,
-    load_adapter, lora_layers, merge_and_unload, merge_lora, parameter_report, save_adapter,
-    set_lora_enabled, unmerge_lora,
+    AdapterMismatchError, LoRAConfig, LoRAError, LoRALinear, ParameterReport, apply_lora, lora_layers,
+    merge_and_unload, merge_lora, parameter_report, set_lora_enabled, unmerge_lora,
 )
+from .adapters import AdapterBank, load_adapter, save_adapter
 from .peft_interop import export_peft, import_peft
 from .train import TrainConfig, TrainResult, estimate_loss, pick_device, train
 from .checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint

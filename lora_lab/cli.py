@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
+from .adapters import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, save_adapter
 from .checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from .data import CharTokenizer, DataUnavailableError
 from .files import CorruptFileError, folder_bytes, read_json, write_file_atomic, write_json_atomic
@@ -24,13 +25,12 @@ from .finetune import (
     DEFAULT_TARGETS, EVAL_ITERS, FINETUNE_DEFAULTS, FinetuneResult, finetune,
     finetune_config, format_table, plot_loss_curves, rank_sweep,
 )
-from .lora import LoRAConfig, apply_lora, load_adapter, merge_and_unload, save_adapter
+from .lora import LoRAConfig, apply_lora, merge_and_unload
 from .model import GPT
 from .pretrained import PRESETS, Pretrained, pretrained_base
 from .train import pick_device
 
 PROG = "lora-lab"
-ADAPTER_CONFIG = "adapter_config.json"  # written by lora.save_adapter; marks a folder as an adapter
 BASE_RECORD = "lora_lab_base.json"  # written next to it by this CLI: which base the adapter belongs to
 BASE_RECORD_FORMAT = "lora_lab.cli.base.v1"
 TOUR_PROMPTS = {"romeo_juliet": "ROMEO:\n", "shout": "KING RICHARD III:\n"}  # speakers each text knows
@@ -290,7 +290,10 @@ def _train_config(args, full: bool):
 def _lora_config(args, rank: int | None = None) -> LoRAConfig:
     rank = rank or args.rank
     alpha = args.alpha if args.alpha is not None else 2.0 * rank
-    config = LoRAConfig(r=rank, alpha=alpha, targets=tuple(args.targets))
+    return _tried_on_preset_shape(args, LoRAConfig(r=rank, alpha=alpha, targets=tuple(args.targets)))
+
+
+def _tried_on_preset_shape(args, config: LoRAConfig) -> LoRAConfig:
     # Try it on an untrained GPT of the preset's shape, so a bad target or rank fails now, not after pretraining.
     apply_lora(GPT(PRESETS[args.preset][0]), config)
     return config
@@ -430,8 +433,8 @@ def cmd_sweep(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"{PROG} sweep: error: output {args.out} exists and is not a folder")
     alpha = args.alpha if args.alpha is not None else LoRAConfig.alpha
-    for r in args.ranks:  # validate every config before any training
-        LoRAConfig(r=r, alpha=alpha, targets=tuple(args.targets))
+    for r in args.ranks:  # validate every config before the base is loaded or trained
+        _tried_on_preset_shape(args, LoRAConfig(r=r, alpha=alpha, targets=tuple(args.targets)))
     base = _load_base(args)
     _say(_describe_base(base))
     task = tasks.make_task(args.task, base.texts)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .lora import LoRAConfig, LoRALinear, apply_lora, save_adapter
+from .adapters import save_adapter
+from .lora import LoRAConfig, LoRALinear, apply_lora
 from .model import GPT, GPTConfig
 from .widgets import SettingResult, eckart_young_error, transformer_lora_params
 

@@ -24,7 +24,8 @@ import torch
 from .checkpoint import save_checkpoint
 from .data import CharTokenizer
 from .files import folder_bytes, write_file_atomic
-from .lora import LoRAConfig, apply_lora, save_adapter, set_lora_enabled
+from .adapters import save_adapter
+from .lora import LoRAConfig, apply_lora, set_lora_enabled
 from .model import GPT
 from .tasks import Task
 from .train import TrainConfig, TrainResult, estimate_loss, pick_device, train

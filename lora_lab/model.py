@@ -65,6 +65,8 @@ class GPTConfig:
     def fingerprint(self) -> str:
         """A short hash of the architecture (dropout excluded: it does not change any weight's shape)."""
         arch = {k: v for k, v in self.to_dict().items() if k != "dropout"}
+        if arch["positions"] == "learned":  # so fingerprints saved before `positions` existed still match
+            del arch["positions"]
         return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch.nn as nn
 
 from .files import CorruptFileError, read_json, read_tensors, write_bundle
-from .lora import LoRAConfig, LoRAError, _install, _require_lora, _select_trainable, _tied
+from .adapters import _install
+from .lora import LoRAConfig, LoRAError, _require_lora, _select_trainable, _tied
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"

@@ -12,7 +12,7 @@ import torch
 
 from lora_lab import load_checkpoint
 from lora_lab.cli import build_parser, main
-from lora_lab.lora import load_adapter, lora_layers
+from lora_lab import load_adapter, lora_layers
 from test_tasks import write_synthetic_corpus
 
 FAST = ["--steps", "10", "--eval-iters", "2"]
@@ -70,6 +70,8 @@ def test_help_explains_every_option_of_every_subcommand(capsys):
         (["finetune", "--targets", ","], "argument --targets: needs at least one module name"),
         (["finetune", "--targets", "qproj"], "LoRA target 'qproj' matches no module"),
         (["tour", "--rank", "200"], "LoRA rank r=200 exceeds min(d, k)"),
+        (["sweep", "--targets", "qproj"], "LoRA target 'qproj' matches no module"),
+        (["sweep", "--ranks", "2,200"], "LoRA rank r=200 exceeds min(d, k)"),
         (["train"], "argument COMMAND: invalid choice: 'train'"),
         ([], "the following arguments are required: COMMAND"),
     ],

@@ -181,3 +181,5 @@ def test_a_config_saved_before_positions_existed_loads_as_the_learned_table(tiny
     old = {k: v for k, v in tiny_config.to_dict().items() if k != "positions"}
     assert GPTConfig.from_dict(old).positions == "learned"
     assert GPTConfig.from_dict(tiny_config.to_dict()).positions == "rope"
+    # the fingerprint lora_lab 0.1 (learned positions only) wrote for this config into checkpoints and adapters
+    assert GPTConfig.from_dict(old).fingerprint() == "9350e3999f4ac0e2"
