@@ -18,7 +18,7 @@ import base64
 import html
 import io
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import ipywidgets as W
 import torch
@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from .finetune import finetune, finetune_config
 from .lora import LoRAConfig
 from .model import GPT, GPTConfig, count_parameters_formula
+from .pretrained import PRESETS
 from .train import TrainConfig, autocast_for, make_optimizer
 
 # ----------------------------------------------------------------------------------------------------
@@ -245,21 +246,15 @@ class LoRAShapeCounter(_Widget):
         )
 
 
-# Model shapes the counter can start from: (n_layer, d_model, vocab_size, block_size, bias, positions).
+# Models the counter can start from; its sliders then override n_layer and n_embd.
 MODEL_SHAPES = {
-    "lora_lab tiny": (4, 128, 65, 64, False, "rope"),
-    "lora_lab small": (6, 384, 65, 256, False, "rope"),
-    "GPT-2 small": (12, 768, 50257, 1024, True, "learned"),
-    "GPT-3 175B": (96, 12288, 50257, 2048, True, "learned"),
+    "lora_lab tiny": PRESETS["tiny"][0],
+    "lora_lab small": PRESETS["small"][0],
+    "GPT-2 small": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True,
+                             positions="learned"),
+    "GPT-3 175B": GPTConfig(vocab_size=50257, block_size=2048, n_layer=96, n_head=96, n_embd=12288, bias=True,
+                            positions="learned"),
 }
-
-
-def model_config_for(
-    n_layer: int, d_model: int, vocab_size: int, block_size: int, bias: bool, positions: str
-) -> GPTConfig:
-    # n_head does not change any parameter count, so 1 head keeps every width valid.
-    return GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=1, n_embd=d_model,
-                     bias=bias, positions=positions)
 
 
 class ModelLoRACounter(_Widget):
@@ -272,9 +267,9 @@ class ModelLoRACounter(_Widget):
     def __init__(self, model: str = "GPT-3 175B", r: int = 4, targets=("q_proj", "v_proj"), bytes_per_param: int = 2):
         self.bytes_per_param = bytes_per_param
         self.model = W.Dropdown(options=list(MODEL_SHAPES), value=model, description="model")
-        n_layer, d_model, *_ = MODEL_SHAPES[model]
-        self.n_layer = W.IntSlider(value=n_layer, min=1, max=128, description="layers")
-        self.d_model = W.IntSlider(value=d_model, min=16, max=16384, step=16, description="d_model")
+        shape = MODEL_SHAPES[model]
+        self.n_layer = W.IntSlider(value=shape.n_layer, min=1, max=128, description="layers")
+        self.d_model = W.IntSlider(value=shape.n_embd, min=16, max=16384, step=16, description="d_model")
         self.r = W.IntSlider(value=r, min=1, max=64, description="rank r")
         self.targets = W.SelectMultiple(
             options=[(f"{PAPER_NAMES[t]} ({t})", t) for t in LINEAR_SHAPES], value=tuple(targets),
@@ -288,14 +283,14 @@ class ModelLoRACounter(_Widget):
         self._update()
 
     def _pick_model(self, change=None) -> None:
-        n_layer, d_model, *_ = MODEL_SHAPES[self.model.value]
+        shape = MODEL_SHAPES[self.model.value]
         with self.n_layer.hold_trait_notifications(), self.d_model.hold_trait_notifications():
-            self.n_layer.value, self.d_model.value = n_layer, d_model
+            self.n_layer.value, self.d_model.value = shape.n_layer, shape.n_embd
         self._update()
 
     def _update(self, change=None) -> None:
-        _, _, *shape = MODEL_SHAPES[self.model.value]
-        config = model_config_for(self.n_layer.value, self.d_model.value, *shape)
+        # n_head does not change any parameter count, so 1 head keeps every width valid.
+        config = replace(MODEL_SHAPES[self.model.value], n_layer=self.n_layer.value, n_embd=self.d_model.value, n_head=1)
         self.base_params = count_parameters_formula(config)
         self.lora_params = transformer_lora_params(self.n_layer.value, self.d_model.value, self.r.value, self.targets.value)
         self.fraction = self.lora_params / self.base_params
