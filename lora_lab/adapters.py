@@ -6,19 +6,84 @@ AdapterBank keeps several adapters for one base and swaps them without reloading
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .files import CorruptFileError, read_json, read_tensors, write_bundle
+from .files import CorruptFileError, nonfinite_names, read_bundle, write_bundle
 from .lora import (AdapterMismatchError, LoRAConfig, LoRAError, _require_lora, _select_targets, _select_trainable,
                    _unwrap, apply_lora, lora_layers)
 
 ADAPTER_FORMAT = "lora_lab.adapter.v1"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+LEGACY_FILES = ("lora_lab_base.json",)  # the CLI of lora_lab 0.1 wrote this side file into adapter folders
+DIGEST_KEY = "base_weights_sha256"
+ALLOW_OTHER_BASE_HINT = "allow_other_base=True (CLI: --allow-other-base)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Which base? The architecture (fingerprint) and the weights themselves (digest)
+
+
+def base_weights_digest(model: nn.Module, exclude=(), overrides: dict | None = None) -> str:
+    """sha256 over the frozen base weights of `model`, whether or not it carries LoRA layers.
+
+    The base is the model without A and B: a LoRA layer contributes its base weight (as it was before a
+    merge) under the plain layer's name. Tensors go in sorted name order, each as fp32 bytes with its
+    name and shape, so the digest does not depend on the device. `exclude` names weights the adapter
+    itself replaces (its `trainable` modules), which training changes; `overrides` gives base values
+    to use instead of the model's current ones ({name: tensor}, for weights an active adapter changed).
+    """
+    layers = lora_layers(model)
+    renamed = {}
+    for name, t in model.state_dict().items():
+        for n, layer in layers.items():
+            if name in (f"{n}.lora_A", f"{n}.lora_B"):
+                break
+            if name.startswith(f"{n}.base."):
+                name = f"{n}.{name[len(n) + 6:]}"
+                if name == f"{n}.weight" and getattr(layer, "weight_before_merge", None) is not None:
+                    t = layer.weight_before_merge
+                renamed[name] = t
+                break
+        else:
+            renamed[name] = t
+    renamed.update(overrides or {})
+    h = hashlib.sha256()
+    for name in sorted(set(renamed) - set(exclude)):
+        t = renamed[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _trainable_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+    return sorted(_select_trainable(model, config, _select_targets(model, config.targets, config.r)))
+
+
+def _check_same_base(fingerprint, saved_config: dict, digest, model: nn.Module, config: LoRAConfig,
+                     source: str, allow_other_base: bool, overrides: dict | None = None) -> None:
+    """Refuse an adapter made for another architecture (always) or other base weights (unless allowed)."""
+    if fingerprint != model.config.fingerprint():
+        mine = model.config.to_dict()
+        diff = ", ".join(f"{k}: adapter {v}, model {mine.get(k)}" for k, v in saved_config.items()
+                         if k != "dropout" and mine.get(k) != v)
+        raise AdapterMismatchError(f"{source} was made for another base model (fingerprint {fingerprint}, this "
+                                   f"model {model.config.fingerprint()}; {diff or 'config differs'}).")
+    if digest is None or allow_other_base:  # adapters of lora_lab 0.1 recorded no digest
+        return
+    mine = base_weights_digest(model, exclude=_trainable_names(model, config), overrides=overrides)
+    if digest != mine:
+        raise AdapterMismatchError(
+            f"{source} was trained on other base weights: same architecture, but the weights differ "
+            f"(adapter's base {digest[:19]}..., this model {mine[:19]}...), so it would not do what it was "
+            f"trained to do. Load the base it was trained on, or pass {ALLOW_OTHER_BASE_HINT} to load it anyway.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,24 +99,52 @@ def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Atomically write the folder `path`: adapter_model.safetensors + adapter_config.json."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Atomically write the folder `path`: adapter_model.safetensors + adapter_config.json.
+
+    The config records the LoRA settings, the base's architecture and a digest of its weights (so the
+    adapter is refused on any other base), a sha256 of the tensor file, and `metadata` (any JSON object).
+    Refused, with nothing written: non-finite tensors (a diverged fine-tune), and a `path` holding
+    anything but a lora_lab adapter (see files.write_bundle).
+    """
     layers = _require_lora(model)
     tensors = _adapter_tensors(model)
+    bad = nonfinite_names(tensors)
+    if bad:
+        raise LoRAError(f"Refusing to save the adapter to {path}: tensors {bad[:5]} contain NaN or Inf "
+                        "(the fine-tune diverged; try a lower learning rate). Nothing was written.")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a JSON object (a dict), got {type(metadata).__name__}.")
     meta = {
         "format": ADAPTER_FORMAT,
         "lora_config": model.lora_config.to_dict(),
         "scaling": "alpha/r",
         "base_fingerprint": model.config.fingerprint(),
         "base_config": model.config.to_dict(),
+        DIGEST_KEY: base_weights_digest(model, exclude=_trainable_names(model, model.lora_config)),
         "modules": [
             {"name": n, "d": l.base.out_features, "k": l.base.in_features, "r": l.r,
              "lora_A": [l.r, l.base.in_features], "lora_B": [l.base.out_features, l.r]}
             for n, l in layers.items()
         ],
         "trainable_params": {n: list(t.shape) for n, t in tensors.items() if not n.endswith((".lora_A", ".lora_B"))},
+        "metadata": metadata or {},
     }
-    return write_bundle(path, {WEIGHTS_FILE: tensors, CONFIG_FILE: meta})
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"metadata must be JSON-serialisable: {err}") from None
+    return write_bundle(path, {WEIGHTS_FILE: tensors, CONFIG_FILE: meta}, config_file=CONFIG_FILE,
+                        format_tag=ADAPTER_FORMAT, legacy_files=LEGACY_FILES)
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict:
+    """The `metadata` object save_adapter stored in the adapter folder `path` ({} for older adapters)."""
+    config, _ = read_bundle(path, config_file=CONFIG_FILE, tensor_files=[])
+    meta = config.get("metadata", {})
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{Path(path) / CONFIG_FILE}: 'metadata' should be a JSON object.")
+    return meta
 
 
 def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
@@ -68,7 +161,7 @@ def _check_tensors(tensors: dict, shapes: dict, source: str) -> None:
     missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
     if missing or extra:
         raise CorruptFileError(f"{source}: missing tensors {missing[:4]}, unexpected tensors {extra[:4]}.")
-    for n, t in tensors.items():
+    for n, t in sorted(tensors.items()):
         if not t.is_floating_point():
             raise CorruptFileError(f"{source}: tensor {n} has dtype {t.dtype}; LoRA tensors must be floating point.")
         if tuple(t.shape) != shapes[n]:
@@ -78,9 +171,8 @@ def _check_tensors(tensors: dict, shapes: dict, source: str) -> None:
             raise CorruptFileError(f"{source}: tensor {n} contains NaN or Inf.")
 
 
-def _install(model: nn.Module, config: LoRAConfig, tensors: dict, source: str) -> nn.Module:
-    """Validate, then put the adapter (config + tensors) into the model: apply it to a plain model, or
-    replace the tensors of an adapted one whose targets agree. The model is untouched on any error."""
+def _check_installable(model: nn.Module, config: LoRAConfig, tensors: dict, source: str) -> None:
+    """Raise unless _install(model, config, tensors) can succeed; touches nothing."""
     layers = lora_layers(model)
     if any(l.merged for l in layers.values()):
         raise LoRAError("The model's LoRA is merged; call unmerge_lora before loading another adapter.")
@@ -94,7 +186,13 @@ def _install(model: nn.Module, config: LoRAConfig, tensors: dict, source: str) -
         if set(_select_trainable(model, config, layers)) != set(_select_trainable(model, mine, layers)):
             raise AdapterMismatchError(f"{source} trains modules {config.trainable}, the model {mine.trainable}.")
     _check_tensors(tensors, shapes, source)
-    if not layers:
+
+
+def _install(model: nn.Module, config: LoRAConfig, tensors: dict, source: str) -> nn.Module:
+    """Validate, then put the adapter (config + tensors) into the model: apply it to a plain model, or
+    replace the tensors of an adapted one whose targets agree. The model is untouched on any error."""
+    _check_installable(model, config, tensors, source)
+    if not lora_layers(model):
         cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
         with torch.random.fork_rng(devices=cuda):  # loading must not consume random numbers
             apply_lora(model, config)
@@ -109,37 +207,68 @@ def _install(model: nn.Module, config: LoRAConfig, tensors: dict, source: str) -
     return model
 
 
-def _base_mismatch(fingerprint, saved_config: dict, model: nn.Module, source: str) -> None:
-    if fingerprint == model.config.fingerprint():
-        return
-    mine = model.config.to_dict()
-    diff = ", ".join(f"{k}: adapter {v}, model {mine.get(k)}" for k, v in saved_config.items()
-                     if k != "dropout" and mine.get(k) != v)
-    raise AdapterMismatchError(f"{source} was made for another base model (fingerprint {fingerprint}, this model "
-                               f"{model.config.fingerprint()}; {diff or 'config differs'}).")
+def _check_finite_outputs(model: nn.Module, config: LoRAConfig, tensors: dict, source: str) -> None:
+    """Refuse an adapter whose adapted model computes NaN/Inf (e.g. alpha=1e30 in a hand-edited config).
+
+    Finite A, B and alpha can still overflow in the forward pass, so the adapter is installed into a
+    copy of the plain base and run on a short probe; the model itself is not touched.
+    """
+    probe = copy.deepcopy(model)
+    if lora_layers(probe):
+        _unwrap(probe)
+    _install(probe, config, tensors, source)
+    n = min(probe.config.block_size, 16)
+    device = next(probe.parameters()).device
+    idx = (torch.arange(n, device=device) % probe.config.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        logits = probe.eval()(idx)[0]
+    if not torch.isfinite(logits).all():
+        raise LoRAError(f"{source} makes the model's outputs NaN or Inf (alpha={config.alpha:g}, r={config.r}, "
+                        f"scale alpha/r={config.alpha / config.r:g}); refusing to load it. The model is unchanged.")
 
 
-def _read_adapter(path: str | os.PathLike, model: nn.Module) -> tuple[LoRAConfig, dict]:
+def _read_adapter(path: str | os.PathLike, model: nn.Module) -> tuple[LoRAConfig, dict, dict]:
+    """(LoRA config, tensors, base record) of an adapter folder; refuses another architecture."""
     path = Path(path)
-    meta = read_json(path / CONFIG_FILE)
+    meta, files = read_bundle(path, config_file=CONFIG_FILE, tensor_files=[WEIGHTS_FILE])
     if meta.get("format") != ADAPTER_FORMAT:
         raise CorruptFileError(f"{path / CONFIG_FILE} is not a lora_lab adapter config "
                                f"(format {meta.get('format')!r}).")
     try:
         config = LoRAConfig.from_dict(meta["lora_config"])
-        fingerprint, saved_config, scaling = meta["base_fingerprint"], dict(meta["base_config"]), meta["scaling"]
+        base = {"fingerprint": meta["base_fingerprint"], "saved_config": dict(meta["base_config"]),
+                "digest": meta.get(DIGEST_KEY)}
+        scaling = meta["scaling"]
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"{path / CONFIG_FILE} is not a valid adapter config: {err!r}") from None
     if scaling != "alpha/r":
         raise CorruptFileError(f"{path / CONFIG_FILE}: unsupported scaling rule {scaling!r} (expected 'alpha/r').")
-    _base_mismatch(fingerprint, saved_config, model, f"Adapter {path}")
-    return config, read_tensors(path / WEIGHTS_FILE)
+    _check_same_base(base["fingerprint"], base["saved_config"], None, model, config, f"Adapter {path}", True)
+    return config, files[WEIGHTS_FILE], base
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a save_adapter folder into `model` (plain: LoRA is applied first; adapted: tensors replaced)."""
-    config, tensors = _read_adapter(path, model)
-    return _install(model, config, tensors, f"Adapter {path}")
+def load_adapter(model: nn.Module, path: str | os.PathLike, allow_other_base: bool = False) -> nn.Module:
+    """Load a save_adapter folder into `model` (plain: LoRA is applied first; adapted: tensors replaced).
+
+    Refused, with the model unchanged: an adapter for another architecture, one trained on other base
+    weights (unless allow_other_base=True), damaged files (checksum), and one whose outputs are not finite.
+    """
+    source = f"Adapter {path}"
+    config, tensors, base = _read_adapter(path, model)
+    _check_installable(model, config, tensors, source)
+    _check_same_base(base["fingerprint"], base["saved_config"], base["digest"], model, config, source,
+                     allow_other_base)
+    return install_adapter(model, config, tensors, source)
+
+
+def install_adapter(model: nn.Module, config: LoRAConfig, tensors: dict, source: str) -> nn.Module:
+    """Put an adapter (its LoRAConfig and {name: tensor}) into `model`: a plain model gets LoRA applied, an
+    adapted one with the same targets gets its tensors replaced. Everything is checked first (shapes,
+    finite tensors, finite outputs on a probe); on any error the model is unchanged. `source` names the
+    adapter in error messages. Does not check which base the adapter was trained on."""
+    _check_installable(model, config, tensors, source)
+    _check_finite_outputs(model, config, tensors, source)
+    return _install(model, config, tensors, source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,19 +298,28 @@ class AdapterBank:
     def names(self) -> list[str]:
         return list(self._adapters)
 
-    def add(self, name: str, source: str | os.PathLike | nn.Module) -> None:
-        """Register an adapter from a save_adapter folder or from an adapted model (its tensors are copied)."""
+    def add(self, name: str, source: str | os.PathLike | nn.Module, allow_other_base: bool = False) -> None:
+        """Register an adapter from a save_adapter folder or from an adapted model (its tensors are copied).
+
+        Like load_adapter, an adapter trained on other base weights is refused unless allow_other_base=True.
+        """
         if not isinstance(name, str) or not name:
             raise LoRAError(f"Adapter names are non-empty strings, got {name!r}.")
         if name in self._adapters:
             raise LoRAError(f"An adapter named {name!r} already exists; delete it first.")
         if isinstance(source, nn.Module):
             _require_lora(source)
-            _base_mismatch(source.config.fingerprint(), source.config.to_dict(), self.model, f"Adapter {name!r}")
             config, tensors = source.lora_config, _adapter_tensors(source)
+            digest = base_weights_digest(source, exclude=_trainable_names(source, config))
+            _check_same_base(source.config.fingerprint(), source.config.to_dict(), digest, self.model, config,
+                             f"Adapter {name!r}", allow_other_base or source is self.model, self._base_values)
         else:
-            config, tensors = _read_adapter(source, self.model)
+            config, tensors, base = _read_adapter(source, self.model)
         _check_tensors(tensors, _expected_shapes(self.model, config), f"Adapter {name!r}")
+        if not isinstance(source, nn.Module):
+            _check_same_base(base["fingerprint"], base["saved_config"], base["digest"], self.model, config,
+                             f"Adapter {source}", allow_other_base, self._base_values)
+        _check_finite_outputs(self.model, config, tensors, f"Adapter {name!r}")
         extra = [n for n in tensors if not n.endswith((".lora_A", ".lora_B")) and n not in self._base_values]
         if extra and source is self.model:
             raise LoRAError(f"The bank's own model trained {extra[:4]} in full, so their base values are lost; "

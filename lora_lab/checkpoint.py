@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .files import CorruptFileError, read_json, read_tensors, write_bundle
+from .files import CorruptFileError, nonfinite_names, read_bundle, read_json, write_bundle
+from .lora import LoRAError, lora_layers
 from .model import GPT, GPTConfig
 
 CHECKPOINT_FORMAT = "lora_lab.gpt.v1"
@@ -20,11 +21,26 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint that does not fit the model or config it is loaded into."""
 
 
-def save_checkpoint(model: GPT, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Atomically write model weights and config to the folder `path`."""
+def save_checkpoint(model: GPT, path: str | os.PathLike, metadata: dict | None = None, *,
+                    replace_damaged: bool = False) -> Path:
+    """Atomically write model weights and config to the folder `path` (with a sha256 of the weights).
+
+    Refused, with nothing written: a model that still has LoRA layers, non-finite weights, and a `path`
+    holding anything but a lora_lab checkpoint (see files.write_bundle). replace_damaged: also replace a
+    folder holding only checkpoint files whose config is unreadable (the model cache repairs itself so).
+    """
+    layers = lora_layers(model)
+    if layers:
+        raise LoRAError(f"The model still has LoRA layers ({list(layers)[:3]}...); a checkpoint holds a plain GPT. "
+                        "Call merge_and_unload(model) first, or save_adapter(model, path) to keep only the adapter.")
     state = {k: v for k, v in model.state_dict().items() if k != _TIED}
+    bad = nonfinite_names(state)
+    if bad:
+        raise ValueError(f"Refusing to save a checkpoint to {path}: weights {bad[:5]} contain NaN or Inf "
+                         "(training diverged?). Nothing was written.")
     config = {"format": CHECKPOINT_FORMAT, "gpt_config": model.config.to_dict(), "metadata": metadata or {}}
-    return write_bundle(path, {WEIGHTS_FILE: state, CONFIG_FILE: config})
+    return write_bundle(path, {WEIGHTS_FILE: state, CONFIG_FILE: config}, config_file=CONFIG_FILE,
+                        format_tag=CHECKPOINT_FORMAT, accept_damaged=replace_damaged)
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict:
@@ -37,9 +53,14 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
 def load_checkpoint(
     path: str | os.PathLike, expected_config: GPTConfig | None = None, device: str | torch.device = "cpu"
 ) -> tuple[GPT, dict]:
-    """Load a GPT and its metadata. With expected_config, refuse a checkpoint of another architecture."""
+    """Load a GPT (in eval mode) and its metadata, verifying the weights' checksum.
+
+    With expected_config, refuse a checkpoint of another architecture.
+    """
     path = Path(path)
-    saved = read_checkpoint_config(path)
+    saved, tensor_files = read_bundle(path, config_file=CONFIG_FILE, tensor_files=[WEIGHTS_FILE])
+    if saved.get("format") != CHECKPOINT_FORMAT or "gpt_config" not in saved:
+        raise CorruptFileError(f"{path / CONFIG_FILE} is not a lora_lab GPT checkpoint config.")
     try:
         config = GPTConfig.from_dict(saved["gpt_config"])
     except (TypeError, ValueError) as err:
@@ -54,7 +75,7 @@ def load_checkpoint(
             detail = ", ".join(f"{k}: expected {a}, checkpoint has {b}" for k, (a, b) in diff.items())
             raise CheckpointMismatchError(f"Checkpoint {path} does not match the config ({detail}).")
         config = expected_config
-    state = read_tensors(path / WEIGHTS_FILE)
+    state = tensor_files[WEIGHTS_FILE]
     model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != _TIED}
     got = {k: v.shape for k, v in state.items()}
@@ -67,4 +88,5 @@ def load_checkpoint(
             f"wrong shape {wrong[:5]}."
         )
     model.load_state_dict(state, strict=False)  # strict=False only because the tied head is not stored
-    return model.to(device), saved.get("metadata", {})
+    # eval(): sampling and evaluation must never run with dropout on; train() is the caller's choice.
+    return model.to(device).eval(), saved.get("metadata", {})

@@ -1,39 +1,47 @@
 """The `lora-lab` command: pretrain, sample, fine-tune, merge, sweep, and the guided `tour`.
 
-Every subcommand explains its options with --help. Bad arguments (a rank of 0, an unknown task or
-device, a missing adapter folder) end with a one-line error on stderr and exit code 2; nothing is
-trained and no file is touched before the arguments have been checked.
+This module parses arguments and prints; the work is done by the library (finetune, tour, adapters, ...).
+Every subcommand explains its options with --help. Exit codes:
+  0  done;
+  1  the run itself failed: a fine-tune diverged (NaN/Inf; nothing is saved), or the merged model does
+     not compute what base + adapter computes;
+  2  bad input: a bad argument (a rank of 0, an unknown task or device, a missing adapter folder), an
+     --out path holding something lora_lab did not write (`.`, `~`, a folder of your files), or a file
+     or dataset that cannot be read (corrupt, another base, no data). One line on stderr, and nothing is
+     trained and no file is touched before the arguments and the output paths have been checked;
+  130 interrupted (Ctrl-C).
 Data and cache: --data / --cache, else $LORA_LAB_DATA / $LORA_LAB_CACHE (see data.py, pretrained.py).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import sys
-import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import tasks
-from .adapters import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, save_adapter
+from .adapters import CONFIG_FILE as ADAPTER_CONFIG, LEGACY_FILES, load_adapter, read_adapter_metadata, save_adapter
 from .checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from .data import CharTokenizer, DataUnavailableError
-from .files import CorruptFileError, folder_bytes, read_json, write_file_atomic, write_json_atomic
+from .files import OUTPUT_MARKER, CorruptFileError, folder_bytes, read_json
 from .finetune import (
-    DEFAULT_TARGETS, EVAL_ITERS, FINETUNE_DEFAULTS, FinetuneResult, finetune,
-    finetune_config, format_table, plot_loss_curves, rank_sweep,
+    DEFAULT_TARGETS, EVAL_ITERS, FINETUNE_DEFAULTS, DivergedError, check_lora_config,
+    check_sweep_output, finetune, finetune_config, format_table, loss_rows, rank_sweep,
 )
-from .lora import LoRAConfig, apply_lora, merge_and_unload
-from .model import GPT
+from .lora import LoRAConfig, merge_and_unload
+from .outputs import check_adapter_target, check_checkpoint_target
 from .pretrained import PRESETS, Pretrained, pretrained_base
+from .sampling import sample_text
+from .tour import check_tour_output, max_logit_gap, run_tour
 from .train import pick_device
 
 PROG = "lora-lab"
-BASE_RECORD = "lora_lab_base.json"  # written next to it by this CLI: which base the adapter belongs to
-BASE_RECORD_FORMAT = "lora_lab.cli.base.v1"
-TOUR_PROMPTS = {"romeo_juliet": "ROMEO:\n", "shout": "KING RICHARD III:\n"}  # speakers each text knows
+LEGACY_BASE_RECORD = LEGACY_FILES[0]  # lora_lab 0.1's CLI wrote the base record next to the adapter; still read
 
 
 class UsageError(Exception):
@@ -89,6 +97,10 @@ def _device(text: str) -> str:
     return text
 
 
+def _out_path(text: str) -> Path:
+    return Path(text).expanduser()  # "~/runs/x" works even when the shell did not expand it
+
+
 def _adapter_dir(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.is_dir():
@@ -102,17 +114,6 @@ def _checkpoint_dir(text: str) -> Path:
     path = Path(text).expanduser()
     if not (path / CONFIG_FILE).is_file():
         raise argparse.ArgumentTypeError(f"checkpoint folder {text!r} does not exist or has no {CONFIG_FILE}")
-    return path
-
-
-def _replaceable(path: Path, marker: str, what: str) -> Path:
-    """An output folder that may be (re)written whole: missing, empty, or already a `what` (has `marker`)."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{PROG}: error: output {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
-        raise UsageError(
-            f"{PROG}: error: output folder {path} is not empty and is not a {what}; refusing to replace it"
-        )
     return path
 
 
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Learn LoRA on a from-scratch character-level GPT trained on tiny-shakespeare. "
                     "Start with `lora-lab tour`.",
+        epilog="exit codes: 0 done; 1 the run failed (a fine-tune diverged, so nothing was saved, or a merge "
+               "check failed); 2 bad arguments or input (nothing was trained or written); 130 interrupted",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
@@ -201,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LoRA adapter folder (from `finetune`) to apply to its base")
     source.add_argument("--checkpoint", type=_checkpoint_dir, metavar="DIR",
                         help="full checkpoint folder (from `merge` or `finetune --full`) to sample from")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="load the --adapter even if the base weights differ from those it was trained on "
+                        "(same architecture only; by default such an adapter is refused)")
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("finetune", parents=[common, _finetune_options()], help="fine-tune the base on a task",
@@ -208,16 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "print base vs fine-tuned losses and save the adapter (or checkpoint).")
     p.add_argument("--full", action="store_true",
                    help="full fine-tuning: train every weight and save a full checkpoint instead of an adapter")
-    p.add_argument("--out", type=Path, metavar="DIR",
-                   help="where to save the adapter / checkpoint (default: runs/<task>-lora-r<rank> or "
-                        "runs/<task>-full)")
+    p.add_argument("--out", type=_out_path, metavar="DIR",
+                   help="where to save the adapter / checkpoint: a new or empty folder, or one this command "
+                        "wrote before (default: runs/<task>-lora-r<rank> or runs/<task>-full)")
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("merge", parents=[common], help="merge an adapter into a full checkpoint",
                        description="Fold a LoRA adapter into its base's weights (W + alpha/r * B A) and save a "
                                    "plain GPT checkpoint that needs no LoRA code to run.")
     p.add_argument("--adapter", type=_adapter_dir, required=True, metavar="DIR", help="LoRA adapter folder")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the merged checkpoint")
+    p.add_argument("--out", type=_out_path, required=True, metavar="DIR",
+                   help="folder for the merged checkpoint: a new or empty folder, or an earlier checkpoint")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="merge the adapter even if the base weights differ from those it was trained on")
     p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("sweep", parents=[common, _finetune_options(sweep=True)],
@@ -226,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "source loss, trainable parameters, adapter bytes per rank).")
     p.add_argument("--ranks", type=_rank_list, default=[1, 2, 4, 8, 16], metavar="R1,R2,...",
                    help="comma-separated ranks (default: 1,2,4,8,16)")
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"), metavar="DIR",
-                   help="folder for sweep.csv and sweep.png (default: runs/sweep)")
+    p.add_argument("--out", type=_out_path, default=_out_path("runs/sweep"), metavar="DIR",
+                   help="folder for sweep.csv and sweep.png: new, empty, or an earlier sweep's (default: runs/sweep)")
     p.set_defaults(run=cmd_sweep)
 
     p = sub.add_parser("tour", parents=[common, _finetune_options(default_task="shout")],
@@ -237,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a merged == unmerged check; save the adapter, the merged checkpoint, the "
                                    "report and a loss-curve plot.")
     p.add_argument("--no-full", action="store_true", help="skip the full fine-tuning comparison (faster)")
-    p.add_argument("--out", type=Path, default=Path("runs/tour"), metavar="DIR",
-                   help="output folder (default: runs/tour)")
+    p.add_argument("--out", type=_out_path, default=_out_path("runs/tour"), metavar="DIR",
+                   help="output folder: new, empty, or an earlier tour's (default: runs/tour)")
     p.set_defaults(run=cmd_tour)
     return parser
 
@@ -290,36 +299,56 @@ def _train_config(args, full: bool):
 def _lora_config(args, rank: int | None = None) -> LoRAConfig:
     rank = rank or args.rank
     alpha = args.alpha if args.alpha is not None else 2.0 * rank
-    return _tried_on_preset_shape(args, LoRAConfig(r=rank, alpha=alpha, targets=tuple(args.targets)))
-
-
-def _tried_on_preset_shape(args, config: LoRAConfig) -> LoRAConfig:
-    # Try it on an untrained GPT of the preset's shape, so a bad target or rank fails now, not after pretraining.
-    apply_lora(GPT(PRESETS[args.preset][0]), config)
+    config = LoRAConfig(r=rank, alpha=alpha, targets=tuple(args.targets))
+    check_lora_config(config, PRESETS[args.preset][0])  # a bad target or rank fails now, not after pretraining
     return config
 
 
-def _base_record(args, base: Pretrained, task: str) -> dict:
-    return {
-        "format": BASE_RECORD_FORMAT,
-        "preset": args.preset,
-        "pretrain_iters": args.pretrain_iters,
-        "base_checkpoint": str(base.path.resolve()),
-        "vocab": "".join(base.dataset.tokenizer.chars),
-        "task": task,
-    }
+def _checked_out(check, path: Path) -> Path:
+    """Run an output check (outputs.check_*), naming --out in the error: exit 2 before any work."""
+    try:
+        return check(path)
+    except ValueError as err:
+        raise UsageError(f"{PROG}: error: --out: {err}") from None
 
 
-def _save_adapter(res: FinetuneResult, args, base: Pretrained, out: Path) -> Path:
-    save_adapter(res.model, out)
-    write_json_atomic(out / BASE_RECORD, _base_record(args, base, res.task))
-    return out
+@contextmanager
+def _claimed(path: Path, claim):
+    """Claim an output folder (claim: check_tour_output / check_sweep_output) before any work; if the run
+    fails and the folder was new and still holds only the marker, take the claim back: nothing is left."""
+    new = not path.exists()
+    out = _checked_out(claim, path)
+    try:
+        yield out
+    except BaseException:
+        if new and out.is_dir() and [p.name for p in out.iterdir()] == [OUTPUT_MARKER]:
+            shutil.rmtree(out)
+        raise
+
+
+def _base_record(args, base: Pretrained) -> dict:
+    """Which base a saved adapter or checkpoint belongs to (stored in its config's metadata)."""
+    return {"preset": args.preset, "pretrain_iters": args.pretrain_iters, "checkpoint": str(base.path.resolve()),
+            "vocab": "".join(base.dataset.tokenizer.chars)}
+
+
+def _saved_base_record(adapter: Path) -> dict:
+    """The base record of an adapter: its config's metadata, else lora_lab 0.1's side file, else {}."""
+    record = read_adapter_metadata(adapter).get("base")
+    if isinstance(record, dict):
+        return record
+    legacy = adapter / LEGACY_BASE_RECORD
+    if legacy.is_file():
+        old = read_json(legacy)
+        return {"preset": old.get("preset"), "pretrain_iters": old.get("pretrain_iters"),
+                "checkpoint": old.get("base_checkpoint"), "vocab": old.get("vocab")}
+    return {}
 
 
 def _adapted_model(args, adapter: Path):
     """(model with the adapter applied, tokenizer, the adapter's base record)."""
-    record = read_json(adapter / BASE_RECORD) if (adapter / BASE_RECORD).is_file() else {}
-    path = record.get("base_checkpoint")
+    record = _saved_base_record(adapter)
+    path = record.get("checkpoint")
     if path and Path(path).is_dir() and record.get("vocab"):
         model, _ = load_checkpoint(path)
         tokenizer = CharTokenizer(record["vocab"])
@@ -328,36 +357,8 @@ def _adapted_model(args, adapter: Path):
         model, tokenizer = base.model, base.dataset.tokenizer
         if record.get("vocab") and "".join(tokenizer.chars) != record["vocab"]:
             raise UsageError(f"{PROG}: error: adapter {adapter} was trained with another vocabulary than this data's")
-    load_adapter(model, adapter)
+    load_adapter(model, adapter, allow_other_base=args.allow_other_base)
     return model, tokenizer, record
-
-
-@torch.no_grad()
-def _max_logit_gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    """Largest |logit difference| between two models on a fixed random batch: ~0 if they are the same function."""
-    cfg = a.config
-    x = torch.randint(cfg.vocab_size, (8, cfg.block_size), generator=torch.Generator().manual_seed(0))  # (8, T)
-    a.eval(), b.eval()
-    return (a(x)[0] - b(x)[0]).abs().max().item()
-
-
-def _sample(model, tokenizer, prompt: str, chars: int, temperature: float, top_k, seed: int) -> str:
-    device = next(model.parameters()).device
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)  # (1, len(prompt))
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, chars, temperature=temperature, top_k=top_k, generator=gen)
-    return tokenizer.decode(out[0, idx.size(1):])
-
-
-def _loss_rows(results: list[FinetuneResult], total: int) -> list[dict]:
-    first = results[0]
-    rows = [{"model": "base", "trainable": "0", "trainable_%": "0", "target_loss": first.base_losses["target"],
-             "source_loss": first.base_losses["source"], "train_s": None}]
-    for res in results:
-        rows.append({"model": res.label, "trainable": f"{res.trainable_params:,}",
-                     "trainable_%": f"{100.0 * res.trainable_params / total:.2f}", "target_loss": res.losses["target"],
-                     "source_loss": res.losses["source"], "train_s": f"{res.history.seconds:.1f}"})
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,35 +394,38 @@ def cmd_sample(args) -> int:
         base = _load_base(args)
         model, tokenizer = base.model, base.dataset.tokenizer
     model.to(pick_device(args.device))
-    _say(args.prompt + _sample(model, tokenizer, args.prompt, args.chars, args.temperature, args.top_k, args.seed))
+    text = sample_text(model, tokenizer, args.prompt, args.chars, args.temperature, args.top_k, args.seed)
+    _say(args.prompt + text)
     return 0
 
 
 def cmd_finetune(args) -> int:
     out = args.out or Path("runs") / (f"{args.task}-full" if args.full else f"{args.task}-lora-r{args.rank}")
-    _replaceable(out, CONFIG_FILE if args.full else ADAPTER_CONFIG, "checkpoint" if args.full else "LoRA adapter")
+    _checked_out(check_checkpoint_target if args.full else check_adapter_target, out)
     lora = None if args.full else _lora_config(args)  # validates before the base is loaded
     base = _load_base(args)
     _say(_describe_base(base))
     task = tasks.make_task(args.task, base.texts)
     res = finetune(base.model, task, base.dataset.tokenizer, lora, _train_config(args, args.full),
                    progress=not args.quiet, eval_iters=args.eval_iters)
+    _say(format_table(loss_rows([res], base.model.num_parameters())))
+    res.require_finite()  # a diverged run saves nothing and exits 1
+    record = {"base": _base_record(args, base), "task": task.name}
     if args.full:
-        save_checkpoint(res.model.cpu(), out, metadata={**_base_record(args, base, task.name), **res.summary()})
+        save_checkpoint(res.model.cpu(), out, metadata={**record, "vocab": record["base"]["vocab"], **res.summary()})
     else:
-        _save_adapter(res, args, base, out)
-    _say(format_table(_loss_rows([res], base.model.num_parameters())))
+        save_adapter(res.model, out, metadata=record)
     what = "checkpoint" if args.full else "adapter"
     _say(f"saved the {what} to {out} ({folder_bytes(out):,} bytes)")
     return 0
 
 
 def cmd_merge(args) -> int:
-    out = _replaceable(args.out, CONFIG_FILE, "checkpoint")
+    out = _checked_out(check_checkpoint_target, args.out)
     model, tokenizer, record = _adapted_model(args, args.adapter)
     merged = merge_and_unload(copy.deepcopy(model))
-    gap = _max_logit_gap(model, merged)
-    meta = {**record, "merged_from": str(args.adapter.resolve()), "vocab": "".join(tokenizer.chars)}
+    gap = max_logit_gap(model, merged)
+    meta = {"base": record, "merged_from": str(args.adapter.resolve()), "vocab": "".join(tokenizer.chars)}
     save_checkpoint(merged, out, metadata=meta)
     _say(f"merged {args.adapter} into {out} ({folder_bytes(out):,} bytes; adapter: "
          f"{folder_bytes(args.adapter):,} bytes)")
@@ -430,107 +434,40 @@ def cmd_merge(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"{PROG} sweep: error: output {args.out} exists and is not a folder")
     alpha = args.alpha if args.alpha is not None else LoRAConfig.alpha
     for r in args.ranks:  # validate every config before the base is loaded or trained
-        _tried_on_preset_shape(args, LoRAConfig(r=r, alpha=alpha, targets=tuple(args.targets)))
-    base = _load_base(args)
-    _say(_describe_base(base))
-    task = tasks.make_task(args.task, base.texts)
-    sweep = rank_sweep(base.model, task, base.dataset.tokenizer, args.ranks, args.targets, alpha,
-                       _train_config(args, full=False), args.out, progress=not args.quiet,
-                       eval_iters=args.eval_iters)
+        check_lora_config(LoRAConfig(r=r, alpha=alpha, targets=tuple(args.targets)), PRESETS[args.preset][0])
+    with _claimed(args.out, check_sweep_output) as out:
+        base = _load_base(args)
+        _say(_describe_base(base))
+        task = tasks.make_task(args.task, base.texts)
+        sweep = rank_sweep(base.model, task, base.dataset.tokenizer, args.ranks, args.targets, alpha,
+                           _train_config(args, full=False), out, progress=not args.quiet,
+                           eval_iters=args.eval_iters)
     _say(sweep.to_text())
     _say(f"wrote {sweep.files['csv']} and {sweep.files['png']}")
     return 0
 
 
 def cmd_tour(args) -> int:
-    t0 = time.perf_counter()
-    out = args.out
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{PROG} tour: error: output {out} exists and is not a folder")
-    _replaceable(out / "adapter", ADAPTER_CONFIG, "LoRA adapter")
-    _replaceable(out / "merged", CONFIG_FILE, "checkpoint")
     lora = _lora_config(args)
-
-    _say("== 1. The base GPT: pretrained on Shakespeare minus Romeo and Juliet (cached after the first run)")
-    base = _load_base(args)
-    tokenizer = base.dataset.tokenizer
-    _say(_describe_base(base))
-    task = tasks.make_task(args.task, base.texts)
-    _say(f"\n== 2. The task {task.name!r}: {task.description}")
-    _say(f"{len(task.train):,} characters to fine-tune on, {len(task.validation):,} to validate on")
-
-    _say(f"\n== 3. LoRA fine-tuning: r={lora.r}, alpha={lora.alpha:g}, targets {','.join(lora.targets)}")
-    lora_res = finetune(base.model, task, tokenizer, lora, _train_config(args, full=False),
-                        progress=not args.quiet, eval_iters=args.eval_iters)
-    results = [lora_res]
-    if not args.no_full:
-        _say("\n== 3b. Full fine-tuning, for comparison: every weight trainable")
-        results.append(finetune(base.model, task, tokenizer, None, _train_config(args, full=True),
-                                progress=not args.quiet, eval_iters=args.eval_iters,
-                                base_losses=lora_res.base_losses))
-
-    _say("\n== 4. Merge: fold B A into W, save the adapter and the merged checkpoint")
-    adapter_dir = _save_adapter(lora_res, args, base, out / "adapter")
-    merged = merge_and_unload(copy.deepcopy(lora_res.model)).cpu()
-    merged_dir = save_checkpoint(merged, out / "merged", metadata={
-        **_base_record(args, base, task.name), "merged_from": str(adapter_dir.resolve())})
-    gap = _max_logit_gap(lora_res.model.cpu(), merged)
-    merge_ok = gap < 1e-4
-    adapter_size, merged_size = folder_bytes(adapter_dir), folder_bytes(merged_dir)
-    curves = plot_loss_curves(results, out / "loss_curves.png")
-
-    prompt = TOUR_PROMPTS.get(task.name, "\n")
-    base_text = _sample(base.model, tokenizer, prompt, 160, 0.8, None, 0)
-    lora_text = _sample(lora_res.model, tokenizer, prompt, 160, 0.8, None, 0)
-
-    total = base.model.num_parameters()
-    lines = [
-        f"# lora-lab tour: LoRA on {task.name!r}",
-        "",
-        f"{task.description}",
-        f"base GPT: {base.model.config.n_layer} layers x {base.model.config.n_embd} dims, {total:,} parameters",
-        f"LoRA: r={lora.r}, alpha={lora.alpha:g}, targets {','.join(lora.targets)}: "
-        f"{lora_res.trainable_params:,} trainable parameters = {100 * lora_res.trainable_params / total:.2f}% "
-        f"of the base's {total:,}",
-        "",
-        "Validation loss (nats/char) on fixed batches; target = the task, source = pretraining text "
-        "(higher than base = forgetting):",
-        "",
-        format_table(_loss_rows(results, total)),
-        "",
-        f"adapter on disk:           {adapter_size:>12,} bytes  ({adapter_dir})",
-        f"merged checkpoint on disk: {merged_size:>12,} bytes  ({merged_dir}), "
-        f"{merged_size / adapter_size:.0f}x the adapter",
-        f"merged == unmerged: max |logit difference| = {gap:.2e} -> {'OK' if merge_ok else 'MISMATCH'}",
-        "",
-        f"sample from the base (prompt {prompt!r}, seed 0):",
-        "    " + (prompt + base_text).replace("\n", "\n    "),
-        "sample after LoRA (same prompt and seed):",
-        "    " + (prompt + lora_text).replace("\n", "\n    "),
-        "",
-        f"loss curves: {curves}",
-        f"wall time: {time.perf_counter() - t0:.0f} s",
-    ]
-    report = "\n".join(lines) + "\n"
-    write_file_atomic(out / "report.md", report)
-    write_json_atomic(out / "report.json", {
-        "results": [r.summary() for r in results], "adapter_bytes": adapter_size, "merged_bytes": merged_size,
-        "merge_max_logit_gap": gap, "merge_ok": merge_ok, "base_params": total,
-    })
-    _say("\n== 5. Report (also in " + str(out / "report.md") + ")\n")
-    _say(report)
-    return 0 if merge_ok else 1
+    with _claimed(args.out, check_tour_output) as out:
+        _say("== 1. The base GPT: pretrained on Shakespeare minus Romeo and Juliet (cached after the first run)")
+        base = _load_base(args)
+        _say(_describe_base(base))
+        report = run_tour(base, args.task, lora, _train_config(args, full=False), _train_config(args, full=True),
+                          out, compare_full=not args.no_full, eval_iters=args.eval_iters, progress=not args.quiet,
+                          metadata={"base": _base_record(args, base), "task": args.task}, log=_say)
+    _say(f"\n== 5. Report (also in {out / 'report.md'} and report.json)\n")
+    _say(report.to_text())
+    return 0 if report.merge_ok else 1
 
 
 # ----------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the lora-lab command line; return the exit code (0 ok, 2 bad arguments or input)."""
+    """Run the lora-lab command line; return the exit code (0 ok, 1 failed run, 2 bad arguments or input)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -542,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(err, file=sys.stderr)
         return 2
+    except DivergedError as err:  # the run failed, the input was fine
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, CorruptFileError, DataUnavailableError) as err:
         # Bad input that only shows once read: unknown characters in a prompt, a corrupt or mismatched file.
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -63,6 +63,10 @@ class CheckReport:
 
 def _call(report: CheckReport, what: str, fn, *args):
     """Run the learner's code; an exception is recorded as a failed check. Returns (ok, value)."""
+    if not callable(fn):  # e.g. the result of calling it, passed instead of the function itself
+        report.check(False, f"{what}: expected your function (or class) itself, got a {type(fn).__name__}: "
+                            f"{fn!r:.60}. Pass it without calling it.")
+        return False, None
     try:
         return True, fn(*args)
     except Exception as err:  # the learner's code may raise anything

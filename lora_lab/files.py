@@ -1,78 +1,329 @@
-"""Atomic, pickle-free files: safetensors for tensors, JSON for everything else.
+"""Atomic, pickle-free files that never destroy what is not lora_lab's: safetensors for tensors, JSON otherwise.
 
-A "bundle" is a directory holding `<name>.safetensors` and `<name>.json`. It is written into a
-temporary sibling directory first and then renamed into place, so a reader never sees half a bundle
-and an interrupted write leaves the previous bundle untouched.
+The rule every writer follows: lora_lab replaces only what it recognisably wrote itself.
+- A "bundle" is a folder of a few files, one of them a JSON config whose "format" names its kind
+  (a checkpoint, an adapter, ...). `write_bundle` may replace the target only if it is missing, an empty
+  folder, or a bundle of the same kind (its entries are a subset of the bundle's own file names and its
+  config has the same format tag). Anything else is refused with OutputExistsError and left untouched.
+- An output folder (a report with plots and sub-bundles) carries a marker file; `claim_output_dir`
+  creates or accepts only such a folder, or a missing or empty one.
+- A single file (`write_file_atomic`) is created anywhere, but replaced only inside a claimed output
+  folder or when the caller says overwrite=True.
+
+A bundle is written into a temporary sibling folder and swapped into place atomically (renameat2 with
+RENAME_EXCHANGE on Linux), so a reader never sees a missing or half bundle, and an interrupted write
+leaves the old bundle or the new one, whole. The config records a sha256 of each tensor file, which
+`read_bundle` verifies.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import stat
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+OUTPUT_MARKER = ".lora_lab_output.json"  # marks a folder that lora_lab's multi-file outputs may write into
+CHECKSUMS_KEY = "checksums"
+_TEMP_PATTERN = r"\.{name}\.lora_lab-(?:tmp|old)-(\d+)-[0-9a-f]+"  # .<target>.lora_lab-tmp-<pid>-<random>
+_READ_ATTEMPTS = 5  # a reader racing a writer's swap may see old config + new tensors: read again
 
 
 class CorruptFileError(ValueError):
     """A checkpoint or adapter file that cannot be read or is not what it claims to be."""
 
 
-def write_file_atomic(path: str | os.PathLike, content: bytes | str) -> Path:
-    """Write one file through a temporary sibling and a rename: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = content.encode() if isinstance(content, str) else content
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class OutputExistsError(ValueError):
+    """A write refused because something that lora_lab did not write is at the target path."""
+
+
+# ----------------------------------------------------------------------------------------------
+# What is at a path, and may it be replaced?
+
+
+def _describe(path: Path) -> str:
+    """A short human description of what is at `path` (for error messages)."""
+    if path.is_symlink():
+        return f"a symbolic link to {os.readlink(path)}"
+    if path.is_file():
+        return f"a file ({path.stat().st_size:,} bytes)"
+    if path.is_dir():
+        names = sorted(os.listdir(path))
+        shown = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+        return f"a folder holding {shown}"
+    return "something that is neither a file nor a folder"
+
+
+def _refuse(path: Path, why: str) -> OutputExistsError:
+    return OutputExistsError(f"Refusing to write {path}: it is {_describe(path)}, {why}. Nothing was changed; "
+                             "choose another path, or remove it yourself if you no longer need it.")
+
+
+def _read_format(config_path: Path, format_key: str):
     try:
-        with os.fdopen(fd, "wb") as f:
+        return json.loads(config_path.read_text()).get(format_key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_bundle_target(
+    directory: str | os.PathLike,
+    *,
+    config_file: str,
+    format_tag: str,
+    files,
+    legacy_files=(),
+    format_key: str = "format",
+    accept_damaged: bool = False,
+) -> Path:
+    """Raise OutputExistsError unless a bundle may be written at `directory` (see the module docstring).
+
+    files: the bundle's own file names; legacy_files: names older versions also wrote into it.
+    accept_damaged: also accept a folder of only those files whose config is missing or unreadable (a
+    damaged bundle of ours; for the model cache, whose folders no user writes). Touches nothing.
+    """
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return directory
+    if directory.is_symlink() or not directory.is_dir():
+        raise _refuse(directory, "not a folder that lora_lab wrote")
+    entries = os.listdir(directory)
+    if not entries:
+        return directory
+    allowed = set(files) | set(legacy_files)
+    foreign = sorted(e for e in entries if e not in allowed or not stat.S_ISREG(os.lstat(directory / e).st_mode))
+    if foreign:
+        raise _refuse(directory, f"and {foreign[:5]} are not files of a {format_tag} bundle")
+    found = _read_format(directory / config_file, format_key)
+    if found != format_tag and not (accept_damaged and found is None):
+        raise _refuse(directory, f"not a {format_tag} bundle ({config_file} {format_key}: {found!r})")
+    return directory
+
+
+def claim_output_dir(path: str | os.PathLike, format_tag: str) -> Path:
+    """Make `path` a folder lora_lab may write several outputs into (reports, plots, sub-bundles).
+
+    A missing or empty folder is created/claimed by writing the marker file .lora_lab_output.json
+    ({"format": format_tag}); a folder that carries the marker with the same tag is accepted as it is.
+    Anything else (a file, a link, a folder of the user's files such as `.` or `~`, another kind of
+    output) is refused with OutputExistsError and left untouched.
+    """
+    path = Path(path)
+    marker = path / OUTPUT_MARKER
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise _refuse(path, "not a folder that lora_lab wrote")
+    if path.is_dir() and os.listdir(path):
+        found = _read_format(marker, "format") if marker.is_file() and not marker.is_symlink() else None
+        if found == format_tag:
+            return path
+        why = (f"a lora_lab output of another kind ({found!r}, not {format_tag!r})" if found is not None
+               else f"not an output folder of lora_lab (it has no {OUTPUT_MARKER})")
+        raise _refuse(path, why)
+    path.mkdir(parents=True, exist_ok=True)
+    _write_new_file(marker, json.dumps({"format": format_tag}, indent=2, sort_keys=True).encode())
+    return path
+
+
+def is_claimed_output_dir(path: str | os.PathLike) -> bool:
+    marker = Path(path) / OUTPUT_MARKER
+    return marker.is_file() and not marker.is_symlink() and _read_format(marker, "format") is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Single files
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Write through a temporary sibling and an atomic rename (readers see the old or the new file)."""
+    _remove_stale_temps(path)
+    tmp = path.parent / f".{path.name}.lora_lab-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_file_atomic(path: str | os.PathLike, content: bytes | str, *, overwrite: bool = False) -> Path:
+    """Write one file atomically. An existing file is replaced only inside a folder claimed with
+    claim_output_dir, or with overwrite=True; anything else at `path` is refused (OutputExistsError)."""
+    path = Path(path)
+    data = content.encode() if isinstance(content, str) else content
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise _refuse(path, "not a file lora_lab may replace")
+    if path.exists() and not (overwrite or is_claimed_output_dir(path.parent)):
+        raise _refuse(path, "outside a folder claimed by lora_lab (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_new_file(path, data)
     return path
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    return write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
+def write_json_atomic(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
+    return write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True), overwrite=overwrite)
 
 
-def write_bundle(directory: str | os.PathLike, files: dict[str, dict | dict[str, torch.Tensor]]) -> Path:
-    """Atomically (re)place `directory` with the given files.
+# ----------------------------------------------------------------------------------------------
+# Bundles: write into a temporary sibling, then swap it into place
 
-    files maps a file name to its content: names ending in .safetensors take {name: tensor},
-    names ending in .json take a JSON-serialisable dict.
+
+def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or Inf (writers refuse to save those)."""
+    return [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def tensor_file_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The safetensors serialisation of `tensors` (moved to CPU, contiguous), as written to disk."""
+    return save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Remove temp files/folders of this target left by writers that died (only names of our own pattern)."""
+    pattern = re.compile(_TEMP_PATTERN.format(name=re.escape(target.name)))
+    for entry in os.scandir(target.parent):
+        match = pattern.fullmatch(entry.name)
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            if "-old-" in entry.name and not os.path.lexists(target):
+                # Killed between the two renames of the fallback swap: this is the only copy of the bundle.
+                os.rename(entry.path, target)
+            else:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        elif entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+
+
+@contextmanager
+def _locked(folder: Path):
+    """Serialise writers into one parent folder: flock on the folder itself (creates no file)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (AttributeError, OSError):
+    _renameat2 = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2). False when the system or filesystem cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def write_bundle(
+    directory: str | os.PathLike,
+    files: dict[str, dict],
+    *,
+    config_file: str,
+    format_tag: str,
+    legacy_files=(),
+    format_key: str = "format",
+    checksums: bool = True,
+    accept_damaged: bool = False,
+) -> Path:
+    """Atomically (re)place the bundle folder `directory` with `files`, refusing to replace anything else.
+
+    files maps a file name to its content: names ending in .safetensors take {name: tensor}, names ending
+    in .json a JSON-serialisable dict. files[config_file][format_key] must be format_tag: that is how the
+    bundle is recognised later. With checksums, the config gets {"checksums": {file: "sha256:..."}} for
+    every tensor file. May replace: nothing, an empty folder, or a bundle of the same kind (see
+    check_bundle_target); otherwise OutputExistsError and nothing is touched.
     """
     directory = Path(directory)
+    names = list(files)
+    if files.get(config_file, {}).get(format_key) != format_tag:
+        raise ValueError(f"Bundle config {config_file!r} must have {format_key!r}: {format_tag!r}.")
+    for name in names:
+        if not name.endswith((".safetensors", ".json")) or "/" in name:
+            raise ValueError(f"Bundle file {name!r} must be a plain name ending in .safetensors or .json.")
+    check = dict(config_file=config_file, format_tag=format_tag, files=names, legacy_files=legacy_files,
+                 format_key=format_key, accept_damaged=accept_damaged)
+    check_bundle_target(directory, **check)  # before anything is created
+
+    blobs = {n: tensor_file_bytes(c) for n, c in files.items() if n.endswith(".safetensors")}
+    config = dict(files[config_file])
+    if checksums:
+        config[CHECKSUMS_KEY] = {n: _sha256(b) for n, b in blobs.items()}
+    blobs.update({n: json.dumps(config if n == config_file else c, indent=2, sort_keys=True).encode()
+                  for n, c in files.items() if n.endswith(".json")})
+
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    tmp = directory.parent / f".{directory.name}.lora_lab-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        for name, content in files.items():
-            if name.endswith(".safetensors"):
-                tensors = {k: v.detach().to("cpu").contiguous() for k, v in content.items()}
-                save_file(tensors, str(tmp / name))
-            elif name.endswith(".json"):
-                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True))
-            else:
-                raise ValueError(f"Bundle file {name!r} must end in .safetensors or .json.")
-        if directory.exists():
-            # Swap: move the old bundle aside, move the new one in, then delete the old one.
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
-            os.replace(directory, old / "bundle")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        tmp.mkdir()
+        for name, data in blobs.items():
+            with open(tmp / name, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        with _locked(directory.parent):
+            _remove_stale_temps(directory)
+            check_bundle_target(directory, **check)  # again: something may have appeared meanwhile
+            if not directory.exists() or not os.listdir(directory):
+                os.rename(tmp, directory)  # rename onto a missing or empty folder is atomic
+            elif not _exchange(tmp, directory):
+                # No atomic exchange here: move the old bundle aside, then the new one in (readers retry).
+                old = tmp.with_name(tmp.name.replace("-tmp-", "-old-"))
+                os.rename(directory, old)
+                try:
+                    os.rename(tmp, directory)
+                except BaseException:
+                    os.rename(old, directory)  # put the old bundle back
+                    raise
+                tmp = old
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old bundle (or nothing)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
 
 
 def folder_bytes(path: str | os.PathLike) -> int:
@@ -80,12 +331,9 @@ def folder_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Missing file: {path}")
+def _parse_json(path: Path, data: bytes) -> dict:
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptFileError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(obj, dict):
@@ -93,11 +341,70 @@ def read_json(path: str | os.PathLike) -> dict:
     return obj
 
 
+def _parse_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CorruptFileError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Missing file: {path}")
+    return _parse_json(path, path.read_bytes())
+
+
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Missing file: {path}")
+    return _parse_tensors(path, path.read_bytes())
+
+
+def _read_once(directory: Path, config_file: str, tensor_files) -> tuple[dict, dict[str, dict]]:
+    # Open the folder once and read every file relative to it: all files then come from the same
+    # folder even if a writer swaps a new bundle in meanwhile.
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CorruptFileError(f"{path} is not a readable safetensors file: {err}") from None
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"No such folder: {directory} (a folder holding {config_file} was expected).") from None
+    try:
+        def read(name: str) -> bytes:
+            try:
+                with open(name, "rb", opener=lambda p, flags: os.open(p, flags, dir_fd=fd)) as f:
+                    return f.read()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"Missing file: {directory / name}") from None
+
+        config = _parse_json(directory / config_file, read(config_file))
+        recorded = config.get(CHECKSUMS_KEY)  # absent in bundles written before checksums existed
+        if recorded is not None and not isinstance(recorded, dict):
+            raise CorruptFileError(f"{directory / config_file}: 'checksums' should be a JSON object.")
+        tensors = {}
+        for name in tensor_files:
+            data = read(name)
+            if recorded is not None and recorded.get(name) != _sha256(data):
+                raise CorruptFileError(f"{directory / name} does not match its checksum in {config_file} "
+                                       "(the file was changed or damaged after it was written).")
+            tensors[name] = _parse_tensors(directory / name, data)
+        return config, tensors
+    finally:
+        os.close(fd)
+
+
+def read_bundle(directory: str | os.PathLike, *, config_file: str, tensor_files) -> tuple[dict, dict[str, dict]]:
+    """Read a bundle: (config dict, {tensor file name: {tensor name: tensor}}), checksums verified.
+
+    Raises FileNotFoundError for a missing folder or file and CorruptFileError (naming the file) for a
+    damaged one. A read that races a writer's swap is retried a few times before it counts as damaged.
+    """
+    directory = Path(directory)
+    for attempt in range(_READ_ATTEMPTS):
+        try:
+            return _read_once(directory, config_file, tensor_files)
+        except (CorruptFileError, FileNotFoundError):
+            if attempt == _READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.01 * 2 ** attempt)
+    raise AssertionError("unreachable")

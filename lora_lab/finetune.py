@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -23,10 +24,10 @@ import torch
 
 from .checkpoint import save_checkpoint
 from .data import CharTokenizer
-from .files import folder_bytes, write_file_atomic
+from .files import claim_output_dir, folder_bytes, write_file_atomic
 from .adapters import save_adapter
-from .lora import LoRAConfig, apply_lora, set_lora_enabled
-from .model import GPT
+from .lora import LoRAConfig, LoRAError, apply_lora, select_targets, set_lora_enabled
+from .model import GPT, GPTConfig
 from .tasks import Task
 from .train import TrainConfig, TrainResult, estimate_loss, pick_device, train
 
@@ -49,6 +50,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EVAL_BATCH_SIZE = 32
 EVAL_ITERS = 25
 EVAL_SEED = 4321
+SWEEP_OUTPUT_FORMAT = "lora_lab.sweep.v1"  # the tag of a folder rank_sweep writes sweep.csv and sweep.png into
 
 
 def finetune_config(full: bool = False, **overrides) -> TrainConfig:
@@ -63,6 +65,19 @@ def finetune_config(full: bool = False, **overrides) -> TrainConfig:
         overrides.setdefault("warmup_iters", min(base.warmup_iters, steps // 10))
         overrides.setdefault("eval_interval", max(1, steps // 12))
     return replace(base, **overrides)
+
+
+def check_lora_config(config: LoRAConfig, model_config: GPTConfig) -> list[str]:
+    """The modules `config` would adapt in a GPT of `model_config`; raises LoRAError where apply_lora would.
+
+    The GPT is built on the "meta" device (shapes only, no memory, no random numbers), so a config can be
+    checked against a preset's shape before any base model is loaded or trained.
+    """
+    if not isinstance(model_config, GPTConfig):
+        raise TypeError(f"model_config must be a GPTConfig, got {type(model_config).__name__}.")
+    with torch.device("meta"):
+        shape_only = GPT(model_config)
+    return select_targets(shape_only, config)
 
 
 def encode_task(task: Task, tokenizer: CharTokenizer) -> dict[str, torch.Tensor]:
@@ -87,6 +102,10 @@ def task_losses(
     return estimate_loss(model, splits, batch_size, eval_iters, seed, device)
 
 
+class DivergedError(RuntimeError):
+    """A fine-tune whose loss or weights became NaN/Inf: there is nothing worth saving."""
+
+
 @dataclass
 class FinetuneResult:
     model: GPT  # the fine-tuned copy (LoRA layers still separate, not merged)
@@ -103,6 +122,23 @@ class FinetuneResult:
     @property
     def label(self) -> str:
         return f"LoRA r={self.lora.r}" if self.lora is not None else "full FT"
+
+    @property
+    def diverged(self) -> bool:
+        """True if training blew up: a non-finite final loss or a NaN/Inf trainable weight (nothing to save)."""
+        if not all(math.isfinite(v) for v in self.losses.values()):
+            return True
+        return any(not torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad)
+
+    def require_finite(self) -> "FinetuneResult":
+        """Raise DivergedError (saying what to change) if the run diverged; else return self."""
+        if self.diverged:
+            losses = ", ".join(f"{k} {v:.4g}" for k, v in self.losses.items())
+            raise DivergedError(
+                f"{self.label} on {self.task} diverged (final losses: {losses}; learning rate "
+                f"{self.train_config.learning_rate:g}): the weights hold NaN or Inf, so nothing was saved. "
+                "Try a smaller learning rate.")
+        return self
 
     def summary(self) -> dict:
         """Plain numbers, ready for JSON."""
@@ -139,8 +175,19 @@ def finetune(
     train_config defaults to `finetune_config(full=lora is None)`. base_losses, when given, are the
     base's losses on the same evaluation batches (saves re-measuring them in a sweep).
     """
+    if not isinstance(base_model, GPT):
+        raise TypeError(f"base_model must be a lora_lab GPT, got {type(base_model).__name__}.")
     if not isinstance(task, Task):
         raise TypeError(f"task must be a lora_lab.tasks.Task (see tasks.make_task), got {type(task).__name__}.")
+    if not isinstance(getattr(tokenizer, "vocab_size", None), int):
+        raise TypeError(f"tokenizer must be a CharTokenizer (with encode and vocab_size), got {type(tokenizer).__name__}.")
+    if lora is not None and not isinstance(lora, LoRAConfig):
+        raise LoRAError(f"lora must be a LoRAConfig (or None for full fine-tuning), got {type(lora).__name__}.")
+    if train_config is not None and not isinstance(train_config, TrainConfig):
+        raise TypeError(f"train_config must be a TrainConfig (see finetune_config), got {type(train_config).__name__}.")
+    for name, value in (("eval_batch_size", eval_batch_size), ("eval_iters", eval_iters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if tokenizer.vocab_size != base_model.config.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} characters but the model's vocab_size is "
@@ -150,6 +197,11 @@ def finetune(
     cfg = train_config or finetune_config(full=full)
     device = pick_device(cfg.device)  # fails early on a device that is not there
     data = encode_task(task, tokenizer)
+    block = base_model.config.block_size
+    short = {name: len(t) for name, t in data.items() if len(t) <= block}
+    if short:  # batches are windows of block_size + 1 characters
+        raise ValueError(f"Task {task.name!r}: text(s) {short} (characters) are too short for the model's "
+                         f"block_size={block}; each needs more than {block} characters.")
     measure = dict(batch_size=eval_batch_size, eval_iters=eval_iters, seed=eval_seed, device=device)
 
     model = copy.deepcopy(base_model).to(device)  # the base itself is never touched
@@ -225,6 +277,19 @@ def format_table(rows: list[dict], columns: list[str] | None = None, formats: di
     widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
     line = lambda cells: "| " + " | ".join(s.ljust(w) for s, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def loss_rows(results: list[FinetuneResult], total_params: int) -> list[dict]:
+    """Rows for format_table: the base, then each fine-tune (trainable parameters, target and source loss)."""
+    first = results[0]
+    rows = [{"model": "base", "trainable": "0", "trainable_%": "0", "target_loss": first.base_losses["target"],
+             "source_loss": first.base_losses["source"], "train_s": None}]
+    for res in results:
+        rows.append({"model": res.label, "trainable": f"{res.trainable_params:,}",
+                     "trainable_%": f"{100.0 * res.trainable_params / total_params:.2f}",
+                     "target_loss": res.losses["target"], "source_loss": res.losses["source"],
+                     "train_s": f"{res.history.seconds:.1f}"})
+    return rows
 
 
 def table_csv(rows: list[dict], columns: list[str]) -> str:
@@ -353,6 +418,13 @@ class Sweep:
         return f"Rank sweep on {self.task} ({base})\n" + format_table(self.rows, self.COLUMNS, {"train_seconds": ".1f"})
 
 
+def check_sweep_output(out_dir: str | os.PathLike) -> Path:
+    """Claim `out_dir` for a rank sweep (files.claim_output_dir): missing, empty or an earlier sweep's folder.
+
+    Anything else (a file, a folder of other files) raises files.OutputExistsError and is left untouched."""
+    return claim_output_dir(out_dir, SWEEP_OUTPUT_FORMAT)
+
+
 def rank_sweep(
     base_model: GPT,
     task: Task,
@@ -367,6 +439,9 @@ def rank_sweep(
 ) -> Sweep:
     """LoRA fine-tune once per rank; with out_dir, write sweep.csv and sweep.png there.
 
+    out_dir must be missing, empty, or an earlier sweep's folder (it is claimed with
+    files.claim_output_dir before any training); a folder of other files is refused untouched.
+
     alpha stays fixed across ranks, as in the LoRA paper, so scale = alpha / r shrinks as r grows: the
     size of an Adam step on B @ A then hardly depends on r, and one learning rate serves every rank.
     The default alpha is LoRAConfig's (16), so the r=8 row is the default fine-tune.
@@ -374,9 +449,11 @@ def rank_sweep(
     ranks = list(ranks)
     if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):
         raise ValueError(f"ranks must be a non-empty list of positive integers, got {ranks!r}.")
-    configs = [LoRAConfig(r=r, alpha=alpha, targets=tuple(targets)) for r in ranks]
-    for cfg in configs:  # a dry run on a throwaway copy: a rank too large for a target fails before any training
-        apply_lora(copy.deepcopy(base_model), cfg)
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)  # "q_proj" is one name, not six letters
+    configs = [LoRAConfig(r=r, alpha=alpha, targets=targets) for r in ranks]
+    for cfg in configs:  # checked without touching the base: a rank too large for a target fails before training
+        select_targets(base_model, cfg)
+    out = None if out_dir is None else check_sweep_output(out_dir)  # refuses a user's folder
     rows, base_losses = [], None
     for cfg in configs:
         res = finetune(base_model, task, tokenizer, cfg, train_config, progress, base_losses=base_losses,
@@ -393,8 +470,7 @@ def rank_sweep(
             "train_seconds": res.history.seconds,
         })
     sweep = Sweep(task.name, rows, base_losses, {})
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         sweep.files["csv"] = write_file_atomic(out / "sweep.csv", table_csv(rows, Sweep.COLUMNS))
         sweep.files["png"] = plot_sweep(sweep, out / "sweep.png")
     return sweep

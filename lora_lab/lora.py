@@ -259,6 +259,20 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
         layer.enabled = bool(enabled)
 
 
+def select_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """The module names `apply_lora(model, config)` would adapt, without changing the model.
+
+    Raises LoRAError exactly where apply_lora would (a pattern matching no nn.Linear, a rank above
+    min(d, k), a tied weight, a bad `trainable` pattern). Works on a model built on the "meta" device,
+    so a config can be checked against a preset's shape at no cost.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise LoRAError(f"select_targets needs a LoRAConfig, got {type(config).__name__}.")
+    targets = _select_targets(model, config.targets, config.r)
+    _select_trainable(model, config, targets)
+    return list(targets)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Merging: W <- W ± scale * B @ A, so inference costs exactly what the base model costs
 
@@ -272,11 +286,29 @@ def _fold(layers: dict[str, LoRALinear], sign: int, action: str) -> None:
         raise LoRAError(f"Refusing to {action}: the result would contain NaN/Inf in {bad}; weights left unchanged.")
     with torch.no_grad():
         for n, layer in layers.items():
-            layer.base.weight.copy_(new[n])
+            if sign > 0:
+                # W + ΔW is rounded to W's dtype (in bf16 to ~3 digits), so W - ΔW would not give W back:
+                # keep W itself while merged (a non-persistent buffer: it follows .to(), is never saved).
+                layer.register_buffer("weight_before_merge", layer.base.weight.detach().clone(), persistent=False)
+                layer.base.weight.copy_(new[n])
+            else:
+                kept = getattr(layer, "weight_before_merge", None)
+                # W comes back exactly if the merged weight is still what merging made of it (it was not
+                # edited or trained while merged); otherwise subtracting ΔW is the best there is.
+                unchanged = kept is not None and torch.equal(
+                    layer.base.weight, (kept.float() + layer.delta_weight()).to(kept.dtype))
+                layer.base.weight.copy_(kept if unchanged else new[n])
+                layer.weight_before_merge = None
             layer.merged = sign > 0
 
 
 def merge_lora(model: nn.Module) -> None:
+    """Fold ΔW = scale * B @ A into each adapted weight: W <- W + ΔW (fp32 math, rounded once to W's dtype).
+
+    Memory: while merged, each adapted layer keeps a copy of its original W (d * k numbers in W's dtype,
+    e.g. 64 KiB for a 128 x 128 fp32 layer) so that unmerge_lora restores W bit for bit in every dtype;
+    unmerge_lora and merge_and_unload drop it.
+    """
     layers = _require_lora(model)
     merged = [n for n, l in layers.items() if l.merged]
     if merged:
@@ -287,7 +319,8 @@ def merge_lora(model: nn.Module) -> None:
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    """Subtract ΔW again (fp32 math). No copy of W is kept, so W comes back up to fp32 rounding."""
+    """Undo merge_lora: W comes back exactly (bit for bit, in fp32, bf16 and fp16) from the copy kept
+    while merged. If W was changed while merged (e.g. trained), ΔW is subtracted instead (fp32 math)."""
     layers = _require_lora(model)
     unmerged = [n for n, l in layers.items() if not l.merged]
     if unmerged:
@@ -307,8 +340,11 @@ def _unwrap(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge (if not merged yet) and return the same model as a plain GPT without LoRA modules."""
-    if not all(l.merged for l in _require_lora(model).values()):
+    layers = _require_lora(model)
+    if not all(l.merged for l in layers.values()):
         merge_lora(model)
+    for layer in layers.values():
+        layer.weight_before_merge = None  # the copy kept for unmerging is not needed any more
     _unwrap(model)
     return model
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 POSITIONS = ("rope", "learned")
@@ -87,6 +89,34 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def rotary_pair_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary's tables laid out for rotate_pairs: (T, 1, 1, 2, D/2), with sin signed per half, so
+    that the rotation of (x1, x2) is (x1, x2) * (cos, cos) + (x2, x1) * (-sin, sin)."""
+    cos2 = torch.stack((cos, cos), dim=1)  # (T, 2, D/2)
+    sin2 = torch.stack((-sin, sin), dim=1)  # (T, 2, D/2)
+    return cos2[:, None, None], sin2[:, None, None]
+
+
+def rotate_pairs(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """apply_rotary for x viewed as (B, T, n, H, 2, D/2) (n = 2: q and k together, each head's halves
+    split out): four kernels for q and k at once instead of fourteen; equal to apply_rotary (tested)."""
+    T = x.size(1)
+    cos2, sin2 = cos2[:T].to(x.dtype), sin2[:T].to(x.dtype)  # (T, 1, 1, 2, D/2)
+    swapped = torch.cat((x[..., 1:, :], x[..., :1, :]), dim=-2)  # (x1, x2) -> (x2, x1); cat beats flip on CPU
+    return torch.addcmul(x * cos2, swapped, sin2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal scaled dot-product attention, (B, H, T, D) -> (B, H, T, D). On a CPU under bf16 autocast it
+    runs in fp32: PyTorch's CPU flash-attention backward is ~4x slower in bf16 than in fp32 (measured in
+    benchmarks/RESULTS_pretrain.md), while the matmuls around it gain ~2x from bf16."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
+        return y.to(torch.bfloat16)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -103,18 +133,34 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rotary_tables(C // config.n_head, config.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            cos2, sin2 = rotary_pair_tables(cos, sin)  # the same tables, laid out for rotate_pairs
+            self.register_buffer("rope_cos2", cos2, persistent=False)
+            self.register_buffer("rope_sin2", sin2, persistent=False)
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v stacked as (B, T, 3, C). While all three are plain nn.Linear layers they run as one
+        matmul on their concatenated weights (one big kernel beats three small ones); once any is
+        replaced (by LoRA, say) each layer runs itself, so wrapping one of them just works."""
+        q, k, v = self.q_proj, self.k_proj, self.v_proj
+        if type(q) is nn.Linear and type(k) is nn.Linear and type(v) is nn.Linear:
+            weight = torch.cat((q.weight, k.weight, v.weight))  # (3C, C)
+            bias = None if q.bias is None else torch.cat((q.bias, k.bias, v.bias))
+            qkv = F.linear(x, weight, bias)  # (B, T, 3C)
+            return qkv.unflatten(-1, (3, -1))
+        return torch.stack((q(x), k(x), v(x)), dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         H = self.n_head
-        q = self.q_proj(x).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
-        v = self.v_proj(x).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
-        if self.rotary:
-            q, k = apply_rotary(q, self.rope_cos, self.rope_sin), apply_rotary(k, self.rope_cos, self.rope_sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, H, T, D)
+        qkv = self.project_qkv(x)  # (B, T, 3, C)
+        if self.rotary:  # rotate q and k in one go: view each as two halves of H heads
+            qk = rotate_pairs(qkv[:, :, :2].unflatten(-1, (H, 2, -1)), self.rope_cos2, self.rope_sin2)
+            qk = qk.flatten(-3)  # (B, T, 2, C)
+            q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+        else:
+            q, k, v = qkv.unbind(2)  # (B, T, C) each
+        q, k, v = (t.unflatten(-1, (H, C // H)).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) each
+        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
@@ -158,6 +204,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one matrix embeds and un-embeds
+        # A training-time switch, not architecture (so not in the config or its fingerprint): train() sets it.
+        self.activation_checkpointing = False
 
         # GPT-2 init: N(0, 0.02) everywhere, residual output projections scaled down by sqrt(2 * n_layer)
         # so the residual stream's variance does not grow with depth.
@@ -179,8 +227,26 @@ class GPT(nn.Module):
         """Unique parameters (the tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def check_token_ids(self, idx: torch.Tensor, what: str = "idx") -> None:
+        """Refuse anything but a (B, T) integer tensor of ids in [0, vocab_size) with 1 <= T, with a clear error."""
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"{what} must be a (batch, time) tensor of token ids, got {shape}.")
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise ValueError(f"{what} must hold integer token ids, got dtype {idx.dtype}.")
+        if idx.size(1) == 0:
+            raise ValueError(f"{what} is empty (time length 0): give at least one token.")
+        V = self.config.vocab_size
+        lo, hi = torch.aminmax(idx)  # one cheap reduction instead of nn.Embedding's bare IndexError
+        if lo < 0 or hi >= V:
+            bad = idx[(idx < 0) | (idx >= V)].unique()
+            shown = ", ".join(str(i) for i in bad[:8].tolist()) + (", ..." if bad.numel() > 8 else "")
+            raise ValueError(f"{what} holds token id(s) {shown} outside the vocabulary [0, {V}) "
+                             f"(vocab_size={V}).")
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx: (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets are given."""
+        self.check_token_ids(idx)
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"Sequence length {T} exceeds block_size {self.config.block_size}.")
@@ -188,12 +254,14 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
         x = self.drop(x)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            # Activation checkpointing keeps only each block's input and recomputes the rest in backward.
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
     @torch.no_grad()
@@ -205,22 +273,44 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Extend idx (B, T) by sampling max_new_tokens tokens; returns (B, T + max_new_tokens)."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k}.")
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]  # (B, <=block_size)
-            logits, _ = self(context)
-            logits = logits[:, -1, :].float() / temperature  # (B, vocab)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)
-            next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, next_id), dim=1)
+        """Extend idx (B, T) by sampling max_new_tokens tokens; returns (B, T + max_new_tokens).
+
+        max_new_tokens=0 is allowed and returns idx unchanged. Sampling runs in eval mode (no dropout, so a
+        seeded `generator` fixes the output) and the caller's train/eval mode is restored afterwards.
+        """
+        self.check_token_ids(idx, "the prompt")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}.")
+        with eval_mode(self):
+            for _ in range(max_new_tokens):
+                context = idx[:, -self.config.block_size :]  # (B, <=block_size)
+                logits, _ = self(context)
+                logits = logits[:, -1, :].float() / temperature  # (B, vocab)
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+                idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block in eval mode (dropout off), then give back the caller's train/eval mode, even on error.
+
+    Each submodule gets its own flag back, so a model with, say, one frozen part in eval mode stays so."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def count_parameters_formula(config: GPTConfig) -> int:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .files import CorruptFileError, read_json, read_tensors, write_bundle
-from .adapters import _install
+from .files import CorruptFileError, nonfinite_names, read_json, read_tensors, write_bundle
+from .adapters import install_adapter
 from .lora import LoRAConfig, LoRAError, _require_lora, _select_trainable, _tied
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -52,7 +52,11 @@ def _trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's LoRA adapter in PEFT's format; PeftModel.from_pretrained(base_gpt, path) loads it."""
+    """Write the model's LoRA adapter in PEFT's format; PeftModel.from_pretrained(base_gpt, path) loads it.
+
+    `path` may be missing, an empty folder or a PEFT LoRA adapter folder holding only these two files;
+    anything else is refused (files.OutputExistsError) and left untouched. Non-finite tensors are refused.
+    """
     layers = _require_lora(model)
     config = model.lora_config
     to_save = _trainable_modules(model)
@@ -66,6 +70,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[f"{PREFIX}{n}.lora_B.weight"] = layer.lora_B  # (d, r)
     for n, module in to_save.items():
         tensors.update({f"{PREFIX}{n}.{p}": t for p, t in module.named_parameters()})
+    bad = nonfinite_names(tensors)
+    if bad:
+        raise LoRAError(f"Refusing to export to {path}: tensors {bad[:5]} contain NaN or Inf. Nothing was written.")
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -80,7 +87,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         "revision": None,
         **{k: _UNSUPPORTED[k] for k in _EXPORTED_DEFAULTS},
     }
-    return write_bundle(path, {PEFT_WEIGHTS: tensors, PEFT_CONFIG: peft_config})
+    # PEFT's own layout, recognised by peft_type: only a PEFT LoRA folder with just these files is replaced.
+    # No checksum is added: the config must stay exactly what PEFT reads.
+    return write_bundle(path, {PEFT_WEIGHTS: tensors, PEFT_CONFIG: peft_config}, config_file=PEFT_CONFIG,
+                        format_key="peft_type", format_tag="LORA", checksums=False)
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -126,4 +136,4 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if tied & set(tensors):
         raise LoRAError(f"{path} retrains {sorted(tied & set(tensors))}, a weight tied to another module here; "
                         "PEFT unties it, lora_lab's GPT cannot.")
-    return _install(model, config, tensors, f"PEFT adapter {path}")
+    return install_adapter(model, config, tensors, f"PEFT adapter {path}")

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import tasks
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
+from .files import CorruptFileError
 from .data import CharDataset, CharTokenizer, load_splits
 from .model import GPT, GPTConfig
 from .train import TrainConfig, train
@@ -24,15 +25,18 @@ from .train import TrainConfig, train
 CACHE_ENV = "LORA_LAB_CACHE"
 
 # Named sizes. "tiny" is nanoGPT's CPU shakespeare-char config and trains in ~1-2 minutes on 2 cores;
-# "small" is the paper-scale 10.65M model (6 layers, 6 heads, 384 dims) meant for a GPU.
+# "small" is the paper-scale 10.65M model (6 layers, 6 heads, 384 dims) meant for a GPU. Both keep the weights
+# of their best validation evaluation (keep_best), as nanoGPT keeps its best checkpoint: the small model
+# overfits this text after ~1500 steps, and its last weights are far worse than its best.
 PRESETS: dict[str, tuple[GPTConfig, TrainConfig]] = {
     "tiny": (
         GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
-        TrainConfig(max_iters=2000, batch_size=12, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100),
+        TrainConfig(max_iters=2000, batch_size=12, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, keep_best=True),
     ),
     "small": (
         GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
-        TrainConfig(max_iters=5000, batch_size=64, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=500),
+        TrainConfig(max_iters=5000, batch_size=64, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250,
+                    keep_best=True),
     ),
 }
 
@@ -67,6 +71,17 @@ def cache_key(model_config: GPTConfig, train_config: TrainConfig, train_text: st
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _load_cached(path: Path, model_config: GPTConfig) -> tuple[GPT, dict]:
+    """Load a cache entry; a damaged one gets an error that names the folder and how to recover."""
+    try:
+        return load_checkpoint(path, expected_config=model_config)
+    except (CorruptFileError, CheckpointMismatchError, FileNotFoundError) as err:
+        raise CorruptFileError(
+            f"The cached base model in {path} is damaged: {err} To recover, train it again with "
+            f"retrain=True (CLI: --retrain), which replaces that folder, or delete the folder {path}."
+        ) from None
+
+
 def pretrained_base(
     preset: str = "tiny",
     *,
@@ -93,7 +108,7 @@ def pretrained_base(
 
     path = cache_dir(cache) / f"base-{cache_key(model_config, train_config, source['train'], tokenizer.chars)}"
     if path.exists() and not retrain:
-        model, meta = load_checkpoint(path, expected_config=model_config)
+        model, meta = _load_cached(path, model_config)
         return Pretrained(model, dataset, texts, meta.get("history", {}), path, from_cache=True)
 
     torch.manual_seed(train_config.seed)
@@ -102,5 +117,5 @@ def pretrained_base(
         model, dataset.splits["train"], dataset.splits["validation"], train_config, progress, desc="pretraining base"
     )
     meta = {"history": result.to_dict(), "train_config": train_config.to_dict(), "vocab": "".join(tokenizer.chars)}
-    save_checkpoint(model.cpu(), path, metadata=meta)
+    save_checkpoint(model.cpu(), path, metadata=meta, replace_damaged=True)  # only ever a cache folder of ours
     return Pretrained(model, dataset, texts, result.to_dict(), path, from_cache=False)

@@ -63,9 +63,21 @@ def partition_play(text: str) -> tuple[str, str]:
     return "".join(turns[start:stop]), "".join(turns[:start] + turns[stop:])
 
 
+def _check_splits(splits) -> None:
+    if not isinstance(splits, dict):
+        raise ValueError(f"splits must be a dict of split name -> text (see load_splits), got {type(splits).__name__}.")
+    for name in ("train", "validation"):
+        if not isinstance(splits.get(name), str) or not splits[name]:
+            raise ValueError(f"splits[{name!r}] is missing or empty; tasks need the dataset's train and validation "
+                             f"text (load_splits gives both). Found splits: {sorted(splits)}.")
+
+
 def source_domain(splits: dict[str, str]) -> dict[str, str]:
     """What the base model is pretrained on: train minus the held-out play; the usual validation split."""
+    _check_splits(splits)
     _, kept = partition_play(splits["train"])
+    if not kept.strip():
+        raise ValueError("The train text holds nothing but Romeo and Juliet: no source domain is left to pretrain on.")
     return {"train": kept, "validation": splits["validation"]}
 
 
@@ -77,11 +89,22 @@ class Task:
     validation: str  # target-domain text to measure adaptation
     source_validation: str  # source-domain text to measure forgetting
 
+    def __post_init__(self):
+        for name in ("train", "validation", "source_validation"):
+            text = getattr(self, name)
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"Task {self.name!r}: its {name} text is empty (or not a str); the text it was "
+                                 "made from is too short for this task.")
+
 
 def romeo_juliet(splits: dict[str, str]) -> Task:
+    _check_splits(splits)
     held, _ = partition_play(splits["train"])
     cut = int(len(held) * (1 - TARGET_VAL_FRACTION))
-    cut = held.rindex("\n\n", 0, cut) + 2  # split between speeches, not inside one
+    cut = held.rfind("\n\n", 0, cut) + 2  # split between speeches, not inside one
+    if cut < 2:  # rfind gave -1: no speech ends before the cut
+        raise ValueError(f"Romeo and Juliet is only {len(split_turns(held))} speech(es) in this text: too short to "
+                         "split into fine-tuning and validation speeches.")
     return Task(
         name="romeo_juliet",
         description="Held-out domain: the play Romeo and Juliet, removed from pretraining.",
@@ -109,6 +132,6 @@ TASKS = {"romeo_juliet": romeo_juliet, "shout": shout}
 
 
 def make_task(name: str, splits: dict[str, str]) -> Task:
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:
         raise ValueError(f"Unknown task {name!r}; choose one of {sorted(TASKS)}.")
     return TASKS[name](splits)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -36,11 +36,30 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs whose matmuls run natively in bf16 (AVX512-BF16 or AMX), where bf16 autocast is ~2x faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN, or an older one without the query
+        return False
+
+
 def autocast_for(device: torch.device, use_bf16: bool = True):
-    """bf16 autocast on CUDA GPUs that support it; plain fp32 elsewhere."""
+    """bf16 autocast on CUDA GPUs that support it and on CPUs with native bf16 matmuls; plain fp32 elsewhere."""
+    device = torch.device(device)
     if use_bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if use_bf16 and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -59,20 +78,51 @@ class TrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     device: str = "auto"
-    bf16: bool = True  # bf16 autocast, used on CUDA only
+    bf16: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 matmuls (see autocast_for)
+    # Speed switches: none of them changes what is trained for, only how fast and in how much memory.
+    # torch.compile the model. Off by default: compiling takes ~30-60 s, and at the issue's H100 figures for the
+    # 10.65M model (20.3 -> 14.5 ms/step) that pays back only after ~5000 steps; bench_gpu.py measures both.
+    compile: bool = False
+    fused_optimizer: bool | None = None  # one-kernel AdamW; None: wherever torch supports it (CUDA; CPU from 2.4)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    log_interval: int = 10  # read the loss from the device every this many steps (each read waits for it)
+    keep_best: bool = False  # end with the weights of the best validation evaluation, not the last step's
 
     def __post_init__(self):
-        for name in ("max_iters", "batch_size", "eval_interval", "eval_iters"):
+        for name in ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
-        if self.warmup_iters < 0:
-            raise ValueError(f"TrainConfig.warmup_iters must be >= 0, got {self.warmup_iters}.")
-        if not self.learning_rate > 0 or self.min_lr < 0:
-            raise ValueError("TrainConfig.learning_rate must be > 0 and min_lr >= 0.")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("TrainConfig.grad_clip and weight_decay must be >= 0.")
-        if str(self.device).split(":")[0] not in DEVICES:
+        if not _is_int(self.warmup_iters) or self.warmup_iters < 0:
+            raise ValueError(f"TrainConfig.warmup_iters must be an integer >= 0, got {self.warmup_iters!r}.")
+        if self.lr_decay_iters is not None and (not _is_int(self.lr_decay_iters) or self.lr_decay_iters <= 0):
+            raise ValueError(f"TrainConfig.lr_decay_iters must be a positive integer or None, got {self.lr_decay_iters!r}.")
+        if not _is_int(self.seed):
+            raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}.")
+        if not _is_finite_number(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"TrainConfig.learning_rate must be a finite number > 0, got {self.learning_rate!r}.")
+        if not _is_finite_number(self.min_lr) or self.min_lr < 0:
+            raise ValueError(f"TrainConfig.min_lr must be a finite number >= 0, got {self.min_lr!r}.")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(
+                f"TrainConfig.min_lr={self.min_lr!r} is above learning_rate={self.learning_rate!r}: the schedule "
+                "decays from learning_rate down to min_lr."
+            )
+        for name in ("grad_clip", "weight_decay"):
+            value = getattr(self, name)
+            if not _is_finite_number(value) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}.")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not _is_finite_number(value) or not 0 <= value < 1:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {value!r}.")
+        for name in ("bf16", "compile", "activation_checkpointing", "keep_best"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if not (self.fused_optimizer is None or isinstance(self.fused_optimizer, bool)):
+            raise ValueError(f"TrainConfig.fused_optimizer must be True, False or None (automatic), "
+                             f"got {self.fused_optimizer!r}.")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)}.")
 
     def to_dict(self) -> dict:
@@ -91,7 +141,10 @@ def learning_rate_at(it: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; matrices get weight decay, vectors (biases, norms) do not."""
+    """AdamW over trainable parameters; matrices get weight decay, vectors (biases, norms) do not.
+
+    fused_optimizer=None uses torch's fused AdamW wherever it runs (one kernel for all parameters instead of a
+    dozen per tensor: 4x less optimizer time on this project's CPU, see benchmarks/RESULTS_pretrain.md)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters (every requires_grad is False).")
@@ -99,9 +152,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2)
-    )
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    if cfg.fused_optimizer is False:
+        return torch.optim.AdamW(groups, **kwargs)
+    try:
+        return torch.optim.AdamW(groups, **kwargs, fused=True)
+    except (RuntimeError, TypeError) as err:  # this torch has no fused AdamW for these tensors' device or dtype
+        if cfg.fused_optimizer:
+            raise ValueError(f"TrainConfig.fused_optimizer=True, but this torch cannot fuse AdamW here: {err}") from None
+        return torch.optim.AdamW(groups, **kwargs)
 
 
 @torch.no_grad()
@@ -122,13 +182,13 @@ def estimate_loss(
     out = {}
     for name, data in splits.items():
         gen = torch.Generator().manual_seed(seed)
-        total = 0.0
+        losses = []
         for _ in range(eval_iters):
             x, y = get_batch(data, batch_size, block_size, gen)
             with autocast_for(device, use_bf16):
                 _, loss = model(x.to(device), y.to(device))
-            total += loss.item()
-        out[name] = total / eval_iters
+            losses.append(loss.float())
+        out[name] = torch.stack(losses).mean().item()  # one wait for the device per split, not one per batch
     model.train(was_training)
     return out
 
@@ -139,6 +199,8 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)  # {"iter", "train", "val", "lr"} at each evaluation
     seconds: float = 0.0  # wall time of the training steps, evaluations excluded
     tokens: int = 0
+    best_iter: int | None = None  # keep_best: the step whose weights the model ends with (None: the last)
+    notes: list[str] = field(default_factory=list)  # e.g. why torch.compile was not used
 
     @property
     def tokens_per_second(self) -> float:
@@ -146,10 +208,60 @@ class TrainResult:
 
     @property
     def final(self) -> dict:
+        """The evaluation of the weights the model ends with: the best one under keep_best, else the last."""
+        if self.best_iter is not None:
+            return next(e for e in self.evals if e["iter"] == self.best_iter)
         return self.evals[-1] if self.evals else {}
 
     def to_dict(self) -> dict:
-        return {"losses": self.losses, "evals": self.evals, "seconds": self.seconds, "tokens": self.tokens}
+        return {"losses": self.losses, "evals": self.evals, "seconds": self.seconds, "tokens": self.tokens,
+                "best_iter": self.best_iter, "notes": self.notes}
+
+
+class BatchSampler:
+    """get_batch's seeded windows, cut on the device: the token tensor moves to the device once, and each
+    step sends only batch_size start offsets (pinned, asynchronously on CUDA), so sampling never waits for
+    the GPU. The same generator gives the same batches as get_batch."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator,
+                 device: torch.device):
+        if len(data) <= block_size:
+            raise ValueError(f"Need more than block_size={block_size} tokens, the data has {len(data)}.")
+        self.data = data.to(device)
+        self.offsets = torch.arange(block_size + 1, device=device)  # x and y in one gather
+        self.batch_size, self.block_size, self.generator, self.device = batch_size, block_size, generator, device
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.generator)
+        if self.device.type == "cuda":
+            ix = ix.pin_memory().to(self.device, non_blocking=True)
+        window = self.data[ix[:, None] + self.offsets]  # (B, T + 1)
+        return window[:, :-1], window[:, 1:]
+
+
+def compiled_or_eager(model: torch.nn.Module, wanted: bool, notes: list[str]):
+    """torch.compile(model) when wanted, else the model itself. Compilation itself happens at the first
+    call; train() falls back to eager there if it fails."""
+    if not wanted:
+        return model
+    if not hasattr(torch, "compile"):
+        notes.append(f"torch.compile is not in torch {torch.__version__}; trained eagerly.")
+        return model
+    return torch.compile(model)
+
+
+@contextmanager
+def fast_fp32_matmuls(device: torch.device):
+    """TF32 for the fp32 matmuls left on CUDA (bf16 autocast covers most); restores the previous setting."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def train(
@@ -163,45 +275,102 @@ def train(
     """Train `model` in place on 1-D token tensors and return the loss history.
 
     On CPU the same cfg.seed gives bit-identical results: batches come from a seeded generator and
-    dropout from the seeded global RNG.
+    dropout from the seeded global RNG. The loss is read from the device every cfg.log_interval steps (each
+    read makes the CPU wait for the GPU); every step's loss is still recorded. With cfg.keep_best the model
+    ends with the weights of its best validation evaluation, and result.best_iter says which step that was.
     """
+    if cfg.keep_best and val_data is None:
+        raise ValueError("TrainConfig.keep_best needs validation data to pick the best weights; val_data is None.")
+    if cfg.activation_checkpointing and not hasattr(model, "activation_checkpointing"):
+        raise ValueError(f"TrainConfig.activation_checkpointing: {type(model).__name__} has no such switch (GPT has).")
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
+    next_batch = BatchSampler(train_data, cfg.batch_size, model.config.block_size, batch_gen, device)
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    block_size = model.config.block_size
     eval_splits = {"train": train_data} if val_data is None else {"train": train_data, "val": val_data}
     result = TrainResult()
+    forward = compiled_or_eager(model, cfg.compile, result.notes)
+    best_val, best_weights = math.inf, None
+    pending: list[torch.Tensor] = []  # losses still on the device, read in one go every log_interval steps
 
     def evaluate(it: int, lr: float):
+        nonlocal best_val, best_weights
         est = estimate_loss(model, eval_splits, cfg.batch_size, cfg.eval_iters, cfg.seed + 1, device, cfg.bf16)
         result.evals.append({"iter": it, "train": est["train"], "val": est.get("val"), "lr": lr})
+        if cfg.keep_best and est["val"] < best_val:  # a copy of the trainable weights only: small for LoRA
+            best_val, result.best_iter = est["val"], it
+            best_weights = [p.detach().clone() for p in trainable]
 
-    bar = tqdm(range(cfg.max_iters), desc=desc, disable=not progress, leave=True, mininterval=0.5)
-    for it in bar:
-        lr = learning_rate_at(it, cfg)
-        if it % cfg.eval_interval == 0:
-            evaluate(it, lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        x, y = get_batch(train_data, cfg.batch_size, block_size, batch_gen)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    def read_losses(t0: float) -> float:
+        """Wait for the device, move the pending losses into result.losses; returns the time now."""
+        if pending:
+            result.losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+        elif device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        result.seconds += now - t0
+        return now
+
+    def step(x: torch.Tensor, y: torch.Tensor, run) -> torch.Tensor:
         with autocast_for(device, cfg.bf16):
-            _, loss = model(x, y)
+            _, loss = run(x, y)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # also waits for the GPU, so the timing below is honest
-        result.seconds += time.perf_counter() - t0
-        result.tokens += x.numel()
-        result.losses.append(loss_value)
-        if progress and (it % 10 == 0 or it == cfg.max_iters - 1):
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
-    evaluate(cfg.max_iters, learning_rate_at(cfg.max_iters, cfg))
+        return loss.detach()
+
+    def run_steps():
+        nonlocal forward
+        t0 = time.perf_counter()
+        for it in bar:
+            lr = learning_rate_at(it, cfg)
+            if it % cfg.eval_interval == 0:
+                read_losses(t0)
+                evaluate(it, lr)
+                t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = next_batch()
+            if forward is not model and it == 0:
+                try:  # torch.compile compiles here, at the first call; a failure falls back to eager
+                    loss = step(x, y, forward)
+                except Exception as err:  # noqa: BLE001 (dynamo/inductor raise many kinds; eager re-raises real ones)
+                    optimizer.zero_grad(set_to_none=True)
+                    result.notes.append(f"torch.compile failed ({type(err).__name__}); trained eagerly.")
+                    forward = model
+                    loss = step(x, y, forward)
+            else:
+                loss = step(x, y, forward)
+            pending.append(loss)
+            result.tokens += x.numel()
+            if (it + 1) % cfg.log_interval == 0 or it == cfg.max_iters - 1:
+                t0 = read_losses(t0)
+                if progress:
+                    bar.set_postfix(loss=f"{result.losses[-1]:.3f}", lr=f"{lr:.1e}")
+        read_losses(t0)
+        evaluate(cfg.max_iters, learning_rate_at(cfg.max_iters, cfg))
+
+    bar = tqdm(range(cfg.max_iters), desc=desc, disable=not progress, leave=True, mininterval=0.5)
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing = True
+    try:
+        with fast_fp32_matmuls(device):
+            run_steps()
+    finally:
+        if cfg.activation_checkpointing:
+            model.activation_checkpointing = False
+    for note in result.notes:
+        print(f"note: {note}")
+    if best_weights is not None and result.best_iter != cfg.max_iters:
+        with torch.no_grad():
+            for p, best in zip(trainable, best_weights):
+                p.copy_(best)
     model.eval()
     return result
+

@@ -28,6 +28,7 @@ from .finetune import finetune, finetune_config
 from .lora import LoRAConfig
 from .model import GPT, GPTConfig, count_parameters_formula
 from .pretrained import PRESETS
+from .sampling import sample_text  # re-exported: the notebooks call widgets.sample_text
 from .train import TrainConfig, autocast_for, make_optimizer
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,6 +59,20 @@ def show_figure(out: W.Output, fig: Figure, description: str = "figure") -> None
     out.outputs = (
         {"output_type": "display_data", "data": {"image/png": png, "text/plain": f"<{description}>"}, "metadata": {}},
     )
+
+
+def _slider_value(name: str, value, low: int, high: int) -> int:
+    """A starting value for a slider: ipywidgets would silently clamp one outside [low, high], so refuse it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer from {low} to {high} (the slider's range), got {value!r}.")
+    return value
+
+
+def _prompt_and_seed(prompt, seed) -> None:
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
 
 
 class _Widget:
@@ -126,8 +141,11 @@ class LowRankExplorer(_Widget):
     """
 
     def __init__(self, matrix: torch.Tensor, r: int = 4, name: str = "matrix", as_image: bool = True):
+        if not isinstance(matrix, torch.Tensor):
+            raise ValueError(f"matrix must be a 2-D torch.Tensor, got {type(matrix).__name__}.")
         if matrix.dim() != 2:
             raise ValueError(f"Expected a 2-D matrix, got shape {tuple(matrix.shape)}.")
+        _slider_value("r", r, 1, min(matrix.shape))
         self.matrix = matrix.detach().double().cpu()  # float64: the error check is exact to ~1e-12
         self.name = name
         self.as_image = as_image
@@ -218,6 +236,7 @@ class LoRAShapeCounter(_Widget):
     """d, k and r in; out: `full_params` (d*k), `lora_params` (r*(d+k)) and `ratio` (full / lora)."""
 
     def __init__(self, d: int = 1024, k: int = 1024, r: int = 8):
+        _slider_value("d", d, 16, 16384), _slider_value("k", k, 16, 16384), _slider_value("r", r, 1, 256)
         self.d = W.IntSlider(value=d, min=16, max=16384, step=16, description="d (out)")
         self.k = W.IntSlider(value=k, min=16, max=16384, step=16, description="k (in)")
         self.r = W.IntSlider(value=r, min=1, max=256, description="rank r")
@@ -265,6 +284,15 @@ class ModelLoRACounter(_Widget):
     """
 
     def __init__(self, model: str = "GPT-3 175B", r: int = 4, targets=("q_proj", "v_proj"), bytes_per_param: int = 2):
+        if model not in MODEL_SHAPES:
+            raise ValueError(f"Unknown model {model!r}; choose one of {list(MODEL_SHAPES)}.")
+        _slider_value("r", r, 1, 64)
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        unknown = sorted(set(targets) - set(LINEAR_SHAPES))
+        if unknown:
+            raise ValueError(f"Unknown target(s) {unknown}; choose from {list(LINEAR_SHAPES)}.")
+        if isinstance(bytes_per_param, bool) or not isinstance(bytes_per_param, int) or bytes_per_param <= 0:
+            raise ValueError(f"bytes_per_param must be a positive integer (2 for fp16), got {bytes_per_param!r}.")
         self.bytes_per_param = bytes_per_param
         self.model = W.Dropdown(options=list(MODEL_SHAPES), value=model, description="model")
         shape = MODEL_SHAPES[model]
@@ -332,25 +360,11 @@ def plot_history(histories: dict[str, dict], title: str = "loss", ax=None) -> Fi
     return fig
 
 
-def sample_text(model: GPT, tokenizer, prompt: str = "\n", length: int = 200, temperature: float = 1.0,
-                top_k: int | None = None, seed: int = 0) -> str:
-    """Generate `length` characters after `prompt`; the same seed gives the same text (on one machine)."""
-    if not prompt:
-        raise ValueError("The prompt needs at least one character.")
-    device = next(model.parameters()).device
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)  # (1, T)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    out = model.generate(idx, length, temperature=temperature, top_k=top_k, generator=gen)
-    model.train(was_training)
-    return tokenizer.decode(out[0, idx.shape[1]:].cpu())
-
-
 class SampleExplorer(_Widget):
     """Prompt, temperature, top-k, seed and length in; `text` (the seeded sample) out."""
 
     def __init__(self, model: GPT, tokenizer, prompt: str = "ROMEO:\n", length: int = 200, seed: int = 0):
+        _prompt_and_seed(prompt, seed), _slider_value("length", length, 10, 1000)
         self.model, self.tokenizer = model, tokenizer
         self.prompt = W.Text(value=prompt, description="prompt")
         self.temperature = W.FloatSlider(value=1.0, min=0.1, max=2.0, step=0.05, description="temperature",
@@ -392,8 +406,9 @@ class SampleComparer(_Widget):
     """Several models, one prompt and seed: `texts` maps each model's name to its seeded sample."""
 
     def __init__(self, models: dict[str, GPT], tokenizer, prompt: str = "ROMEO:\n", length: int = 200, seed: int = 0):
-        if not models:
-            raise ValueError("SampleComparer needs at least one model.")
+        if not isinstance(models, dict) or not models:
+            raise ValueError("SampleComparer needs a dict of at least one name -> model.")
+        _prompt_and_seed(prompt, seed), _slider_value("length", length, 10, 600)
         self.models, self.tokenizer = dict(models), tokenizer
         self.prompt = W.Text(value=prompt, description="prompt")
         self.seed = W.IntText(value=seed, description="seed")
@@ -529,6 +544,7 @@ class AdapterSwitcher(_Widget):
     BASE = "(base model, no adapter)"
 
     def __init__(self, bank, tokenizer, prompt: str = "ROMEO:\n", length: int = 200, seed: int = 0):
+        _prompt_and_seed(prompt, seed), _slider_value("length", length, 10, 600)
         self.bank, self.tokenizer = bank, tokenizer
         self.adapter = W.Dropdown(options=[self.BASE] + bank.names, value=bank.active or self.BASE,
                                   description="adapter")
@@ -607,6 +623,10 @@ class RankDashboard(_Widget):
                  ranks=(1, 2, 4, 8, 16), r: int = 4, groups=("Wq", "Wv"), alpha: float = 16.0,
                  evaluate=None, include_full: bool = True, full_train_config: TrainConfig | None = None):
         ranks = sorted(set(ranks))
+        if not ranks or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in ranks):
+            raise ValueError(f"ranks must be positive integers, got {ranks!r}.")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}.")
         if r not in ranks:
             raise ValueError(f"The starting rank r={r} is not one of the ranks {ranks}.")
         unknown = set(groups) - set(TARGET_GROUPS)

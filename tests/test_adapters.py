@@ -2,6 +2,8 @@
 import copy
 import hashlib
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,8 @@ from lora_lab import (
     merge_lora,
     save_adapter,
 )
-from lora_lab.files import CorruptFileError
+from lora_lab.adapters import base_weights_digest, read_adapter_metadata
+from lora_lab.files import CorruptFileError, OutputExistsError
 
 from tiny_models import TINY, assert_same, snapshot, tiny_gpt, tokens
 
@@ -102,25 +105,43 @@ def test_save_needs_lora(tmp_path):
     assert not (tmp_path / "ad").exists()
 
 
+def rewrite_tensors(path: Path, tensors: dict) -> None:
+    """Replace the adapter's tensors and re-record their checksum: a consistent file with wrong content."""
+    weights, config = path / "adapter_model.safetensors", path / "adapter_config.json"
+    save_file(tensors, str(weights))
+    meta = json.loads(config.read_text())
+    meta["checksums"] = {weights.name: "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()}
+    config.write_text(json.dumps(meta))
+
+
 def corrupt(path: Path, how: str):
     weights, config = path / "adapter_model.safetensors", path / "adapter_config.json"
     tensors = load_file(str(weights))
     first = sorted(tensors)[0]
     if how == "truncated":
         weights.write_bytes(weights.read_bytes()[:-50])
+    elif how == "truncated, no checksum":  # as an adapter written before checksums existed
+        weights.write_bytes(weights.read_bytes()[:-50])
+        meta = json.loads(config.read_text())
+        del meta["checksums"]
+        config.write_text(json.dumps(meta))
+    elif how == "flipped byte":
+        data = bytearray(weights.read_bytes())
+        data[-7] ^= 0x10  # inside the last tensor's numbers: still a valid safetensors file
+        weights.write_bytes(bytes(data))
     elif how == "bad json":
         config.write_text(config.read_text()[:-20])
     elif how == "missing key":
-        save_file({k: v for k, v in tensors.items() if k != first}, str(weights))
+        rewrite_tensors(path, {k: v for k, v in tensors.items() if k != first})
     elif how == "nan":
         tensors[first][0, 0] = float("nan")
-        save_file(tensors, str(weights))
+        rewrite_tensors(path, tensors)
     elif how == "int dtype":
         tensors[first] = tensors[first].to(torch.int32)
-        save_file(tensors, str(weights))
+        rewrite_tensors(path, tensors)
     elif how == "wrong shape":
         tensors[first] = tensors[first][:, :-1].contiguous()
-        save_file(tensors, str(weights))
+        rewrite_tensors(path, tensors)
     elif how == "other rank":
         meta = json.loads(config.read_text())
         meta["lora_config"]["r"] = 3
@@ -135,7 +156,9 @@ def corrupt(path: Path, how: str):
 @pytest.mark.parametrize(
     "how, error, message",
     [
-        ("truncated", CorruptFileError, "is not a readable safetensors file"),
+        ("truncated", CorruptFileError, "adapter_model.safetensors does not match its checksum"),
+        ("truncated, no checksum", CorruptFileError, "adapter_model.safetensors is not a readable safetensors file"),
+        ("flipped byte", CorruptFileError, "adapter_model.safetensors does not match its checksum"),
         ("bad json", CorruptFileError, "is not valid JSON"),
         ("missing key", CorruptFileError, r"missing tensors \['{first}'\]"),
         ("nan", CorruptFileError, "tensor {first} contains NaN or Inf"),
@@ -283,3 +306,122 @@ def test_bank_refusals(tmp_path):
     with pytest.raises(LoRAError, match=r"own model trained \['ln_f.weight'\] in full"):
         own.add("x", own.model)
     assert own.names == []
+
+
+# --- which base: weights digest, checksums, refusals at save time ----------------------------------
+
+FIXTURE_V01 = Path(__file__).parent / "fixtures" / "adapter_v0.1"  # made by tests/fixtures/make_adapter_v01.py
+
+
+def test_an_adapter_trained_on_other_base_weights_is_refused_unless_allowed(tmp_path):
+    base, other_base = tiny_gpt(seed=0), tiny_gpt(seed=1)  # same architecture, different weights
+    trained = adapted(other_base, LoRAConfig(r=2, targets=("q_proj", "v_proj")), seed=3)
+    save_adapter(trained, tmp_path / "ad")
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(AdapterMismatchError, match=r"trained on other base weights: same architecture, but the "
+                                                   r"weights differ .*allow_other_base=True"):
+        load_adapter(model, tmp_path / "ad")
+    assert_same(model, before)
+    bank = AdapterBank(copy.deepcopy(base))
+    with pytest.raises(AdapterMismatchError, match="other base weights"):
+        bank.add("x", tmp_path / "ad")
+    with pytest.raises(AdapterMismatchError, match="other base weights"):
+        bank.add("x", trained)
+    assert bank.names == []
+
+    load_adapter(model, tmp_path / "ad", allow_other_base=True)  # the explicit opt-in
+    assert lora_layers(model) and torch.equal(lora_layers(model)["blocks.0.attn.q_proj"].lora_B,
+                                              lora_layers(trained)["blocks.0.attn.q_proj"].lora_B)
+    bank.add("x", tmp_path / "ad", allow_other_base=True)
+    bank.add("y", trained, allow_other_base=True)
+    assert bank.names == ["x", "y"]
+
+
+def test_base_weights_digest(tmp_path):
+    base = tiny_gpt()
+    digest = base_weights_digest(base)
+    assert digest.startswith("sha256:") and base_weights_digest(copy.deepcopy(base)) == digest
+    model = adapted(base, LoRAConfig(r=2, targets=("q_proj",)), seed=3)
+    assert base_weights_digest(model) == digest  # A and B are not part of the base
+    merge_lora(model)
+    assert base_weights_digest(model) == digest  # a merged layer counts with its weight before the merge
+    assert base_weights_digest(base.to(torch.bfloat16)) != digest  # rounded weights are other weights
+    changed = copy.deepcopy(tiny_gpt())
+    with torch.no_grad():
+        changed.blocks[1].mlp.up_proj.weight[0, 0] += 1e-3
+    assert base_weights_digest(changed) != digest
+    save_adapter(adapted(tiny_gpt(), LoRAConfig(r=2), seed=3), tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_weights_sha256"] == digest
+
+
+def test_trainable_modules_are_not_part_of_the_base_digest(tmp_path):
+    base = tiny_gpt()
+    model = adapted(base, LoRAConfig(r=2, targets=("q_proj",), trainable=("ln_f",)), seed=3)  # ln_f changed
+    save_adapter(model, tmp_path / "ad")
+    fresh = load_adapter(copy.deepcopy(base), tmp_path / "ad")
+    assert torch.equal(fresh(tokens())[0], model(tokens())[0])
+
+
+def test_a_lora_lab_0_1_adapter_still_loads():
+    config = json.loads((FIXTURE_V01 / "adapter_config.json").read_text())
+    assert "checksums" not in config and "base_weights_sha256" not in config  # the old layout
+    base = tiny_gpt(replace(TINY, positions="learned"))  # 0.1's GPT had learned positions
+    model = load_adapter(copy.deepcopy(base), FIXTURE_V01)
+    stored = load_file(str(FIXTURE_V01 / "adapter_model.safetensors"))
+    for n, layer in lora_layers(model).items():
+        assert torch.equal(layer.lora_A, stored[f"{n}.lora_A"]) and torch.equal(layer.lora_B, stored[f"{n}.lora_B"])
+    assert model.lora_config == LoRAConfig(r=2, alpha=4, targets=("q_proj", "v_proj"))
+    assert not torch.equal(model(tokens())[0], base(tokens())[0])
+
+
+def test_a_diverged_adapter_is_not_saved(tmp_path):
+    model = adapted(tiny_gpt(), LoRAConfig(r=2, targets=("q_proj", "v_proj")), seed=3)
+    with torch.no_grad():
+        lora_layers(model)["blocks.1.attn.v_proj"].lora_B[0, 0] = float("nan")
+    with pytest.raises(LoRAError, match=r"tensors \['blocks.1.attn.v_proj.lora_B'\] contain NaN or Inf .*"
+                                        "Nothing was written"):
+        save_adapter(model, tmp_path / "ad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_adapter_refuses_a_folder_of_the_users_files(tmp_path):
+    project = tmp_path / "myproject"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "thesis.tex").write_text("chapter 1")
+    with pytest.raises(OutputExistsError, match="myproject: it is a folder holding src"):
+        save_adapter(adapted(tiny_gpt(), LoRAConfig(r=2), seed=3), project)
+    assert (project / "src" / "thesis.tex").read_text() == "chapter 1" and os.listdir(project) == ["src"]
+
+
+def test_metadata_goes_into_the_adapter_config(tmp_path):
+    model = adapted(tiny_gpt(), LoRAConfig(r=2), seed=3)
+    save_adapter(model, tmp_path / "ad", metadata={"base_checkpoint": "/cache/base-1", "task": "shout"})
+    assert read_adapter_metadata(tmp_path / "ad") == {"base_checkpoint": "/cache/base-1", "task": "shout"}
+    (tmp_path / "ad" / "lora_lab_base.json").write_text("{}")  # the side file the 0.1 CLI wrote
+    save_adapter(model, tmp_path / "ad")  # an adapter folder with it is still ours to replace
+    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert read_adapter_metadata(tmp_path / "ad") == {}
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        save_adapter(model, tmp_path / "ad2", metadata={"x": object()})
+    assert not (tmp_path / "ad2").exists()
+
+
+def test_a_huge_alpha_is_refused_at_load(tmp_path):
+    base = tiny_gpt()
+    save_adapter(adapted(base, LoRAConfig(r=2, targets=("q_proj", "v_proj")), seed=3), tmp_path / "ad")
+    config_path = tmp_path / "ad" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["lora_config"]["alpha"] = 1e30
+    config_path.write_text(json.dumps(config))
+    for onto in ("plain", "adapted"):
+        model = copy.deepcopy(base) if onto == "plain" else adapted(base, LoRAConfig(r=2, targets=("q_proj", "v_proj")),
+                                                                     seed=5)
+        before = snapshot(model)
+        with pytest.raises(LoRAError, match=r"makes the model's outputs NaN or Inf \(alpha=1e\+30"):
+            load_adapter(model, tmp_path / "ad")
+        assert_same(model, before)
+    bank = AdapterBank(copy.deepcopy(base))
+    with pytest.raises(LoRAError, match="NaN or Inf"):
+        bank.add("huge", tmp_path / "ad")
+    assert bank.names == []

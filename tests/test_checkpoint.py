@@ -1,10 +1,12 @@
+import json
 import os
 
 import pytest
 import torch
 
-from lora_lab import GPT, CheckpointMismatchError, GPTConfig, load_checkpoint, save_checkpoint
-from lora_lab.files import CorruptFileError
+from lora_lab import (GPT, CheckpointMismatchError, GPTConfig, LoRAConfig, LoRAError, apply_lora, load_checkpoint,
+                      merge_and_unload, save_checkpoint)
+from lora_lab.files import CorruptFileError, OutputExistsError
 
 
 def _snapshot(folder):
@@ -44,7 +46,7 @@ def test_a_failed_write_leaves_the_old_checkpoint(tiny_config, tmp_path, monkeyp
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(files, "save_file", broken_save)
+    monkeypatch.setattr(files, "save_safetensors", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
     assert _snapshot(tmp_path / "ckpt") == before
@@ -62,8 +64,11 @@ def test_weights_that_do_not_fit_the_config_are_refused(tiny_config, tmp_path):
     save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
     bigger = GPT(GPTConfig(**{**tiny_config.to_dict(), "n_layer": 3}))
     save_checkpoint(bigger, tmp_path / "other")
-    # Put a 3-layer model's weights behind a 2-layer config.
+    # Put a 3-layer model's weights behind a 2-layer config (with no checksum, as written before checksums).
     (tmp_path / "ckpt" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del config["checksums"]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointMismatchError, match="unexpected"):
         load_checkpoint(tmp_path / "ckpt")
 
@@ -79,3 +84,52 @@ def test_corrupt_files_are_named(tiny_config, tmp_path):
         load_checkpoint(tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_a_model_with_lora_layers_is_refused(tiny_config, tmp_path):
+    model = apply_lora(GPT(tiny_config), LoRAConfig(r=2))
+    with pytest.raises(LoRAError, match="still has LoRA layers .*Call merge_and_unload"):
+        save_checkpoint(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    save_checkpoint(merge_and_unload(model), tmp_path / "ckpt")
+    assert load_checkpoint(tmp_path / "ckpt", expected_config=tiny_config)[0]
+
+
+def test_non_finite_weights_are_refused(tiny_config, tmp_path):
+    model = GPT(tiny_config)
+    with torch.no_grad():
+        model.blocks[0].attn.q_proj.weight[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"weights \['blocks.0.attn.q_proj.weight'\] contain NaN or Inf"):
+        save_checkpoint(model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_flipped_byte_is_caught_by_the_checksum(tiny_config, tmp_path):
+    save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="model.safetensors does not match its checksum in config.json"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_loads_in_eval_mode(tiny_config, tmp_path):
+    config = GPTConfig(**{**tiny_config.to_dict(), "dropout": 0.2})
+    save_checkpoint(GPT(config).train(), tmp_path / "ckpt")
+    model, _ = load_checkpoint(tmp_path / "ckpt")
+    assert not model.training and not any(m.training for m in model.modules())
+    idx = torch.randint(0, config.vocab_size, (2, 8))
+    assert torch.equal(model(idx)[0], model(idx)[0])  # dropout is off: the same input gives the same logits
+
+
+def test_a_checkpoint_never_replaces_the_users_files_or_an_adapter(tiny_config, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("chapter 1")
+    with pytest.raises(OutputExistsError, match="thesis.tex"):
+        save_checkpoint(GPT(tiny_config), tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == ["thesis.tex"]
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(OutputExistsError, match="it is a file"):
+        save_checkpoint(GPT(tiny_config), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"

@@ -13,6 +13,7 @@ import torch
 from lora_lab import load_checkpoint
 from lora_lab.cli import build_parser, main
 from lora_lab import load_adapter, lora_layers
+from lora_lab.adapters import read_adapter_metadata
 from test_tasks import write_synthetic_corpus
 
 FAST = ["--steps", "10", "--eval-iters", "2"]
@@ -40,6 +41,7 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 def test_help_explains_every_option_of_every_subcommand(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "usage: lora-lab" in out
+    assert "exit codes: 0 done; 1 the run failed" in " ".join(out.split())
     commands = subparsers()
     assert set(commands) == {"pretrain", "sample", "finetune", "merge", "sweep", "tour"}
     for name, sub in commands.items():
@@ -109,7 +111,7 @@ def test_bad_input_found_after_loading_is_one_line_and_changes_nothing(capsys, b
     keep.mkdir()
     (keep / "todo.txt").write_text("mine")
     code, _, err = run(capsys, "finetune", *base_args, *FAST, "--out", keep)
-    assert code == 2 and "is not empty and is not a LoRA adapter" in err
+    assert code == 2 and f"--out: Refusing to write {keep}" in err and "choose another path" in err
     assert [p.name for p in keep.iterdir()] == ["todo.txt"] and (keep / "todo.txt").read_text() == "mine"
 
 
@@ -119,15 +121,16 @@ def test_finetune_merge_sample_end_to_end(capsys, base_args, tmp_path):
                        "--targets", "q_proj,v_proj", "--out", adapter)
     assert code == 0, out
     assert "| base " in out and "| LoRA r=2 " in out and f"saved the adapter to {adapter}" in out
-    assert {p.name for p in adapter.iterdir()} == {"adapter_model.safetensors", "adapter_config.json",
-                                                   "lora_lab_base.json"}
+    assert {p.name for p in adapter.iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+    record = read_adapter_metadata(adapter)  # which base: in the adapter's own config, no side file
+    assert record["task"] == "romeo_juliet" and record["base"]["pretrain_iters"] == 20
     code, out, _ = run(capsys, "merge", *base_args, "--adapter", adapter, "--out", merged)
     assert code == 0 and "max |logits(merged) - logits(base + adapter)|" in out
 
     # The merged checkpoint is a plain GPT computing what base + adapter computes.
     plain, meta = load_checkpoint(merged)
     assert not lora_layers(plain) and meta["merged_from"] == str(adapter.resolve())
-    base, _ = load_checkpoint(json.loads((adapter / "lora_lab_base.json").read_text())["base_checkpoint"])
+    base, _ = load_checkpoint(record["base"]["checkpoint"])
     load_adapter(base, adapter)
     assert len(lora_layers(base)) == 2 * 4  # q and v in 4 blocks
     x = torch.randint(plain.config.vocab_size, (2, plain.config.block_size), generator=torch.Generator().manual_seed(1))
@@ -153,7 +156,7 @@ def test_sweep_writes_table_and_plot(capsys, base_args, tmp_path):
     code, out, _ = run(capsys, "sweep", *base_args, *FAST, "--ranks", "1,2", "--targets", "q_proj",
                        "--task", "shout", "--out", out_dir)
     assert code == 0 and "Rank sweep on shout" in out
-    assert sorted(p.name for p in out_dir.iterdir()) == ["sweep.csv", "sweep.png"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lora_lab_output.json", "sweep.csv", "sweep.png"]
     assert len((out_dir / "sweep.csv").read_text().splitlines()) == 3
 
 
@@ -171,5 +174,136 @@ def test_tour_end_to_end(capsys, base_args, tmp_path):
     assert report["adapter_bytes"] * 10 < report["merged_bytes"]
     assert (out_dir / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out_dir / "adapter" / "adapter_config.json").is_file() and (out_dir / "merged" / "config.json").is_file()
-    assert (out_dir / "report.md").read_text() in out
+    markdown = (out_dir / "report.md").read_text()
+    assert markdown.startswith("# lora-lab tour: LoRA on `shout`") and "```text\nKING RICHARD III:\n" in markdown
+    assert "lora-lab tour: LoRA on 'shout'\n===" in out  # the text rendering is printed
     assert "merged == unmerged: max |logit difference|" in out and "-> OK" in out
+    assert f"{report['merge_max_logit_gap']:.2e} -> OK" in markdown
+    assert json.loads((out_dir / "adapter" / "adapter_config.json").read_text())["metadata"]["task"] == "shout"
+
+
+# ----------------------------------------------------------------------------------------------
+# Output paths are checked before any work, and nothing of the user's is touched
+
+
+def tree(path):
+    """Every path under `path` with its bytes (files) or None (folders): a snapshot to compare."""
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("command", [
+    ["finetune"], ["finetune", "--full"], ["sweep", "--ranks", "1"], ["tour"], ["merge", "--adapter", "{adapter}"],
+])
+@pytest.mark.parametrize("where", [".", "~", "~/notes", "notes/todo.txt"])
+def test_out_that_the_writer_would_refuse_fails_first_and_touches_nothing(capsys, tmp_path, monkeypatch, command,
+                                                                          where):
+    home, work = tmp_path / "home", tmp_path / "work"
+    for folder in (home / "notes", work / "notes"):
+        folder.mkdir(parents=True)
+        (folder / "todo.txt").write_text("mine")
+    (home / ".bashrc").write_text("export X=1")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # enough for the argument check; never read
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    before = tree(tmp_path)
+    argv = [a.format(adapter=adapter) for a in command]
+    code, out, err = run(capsys, *argv, "--out", where, "--cache", tmp_path / "cache", "--data", tmp_path / "no-data")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--out: Refusing to write" in err and "choose another path" in err
+    assert tree(tmp_path) == before  # no base loaded (no cache), no marker, nothing moved or removed
+
+
+def test_a_failed_run_takes_back_the_output_folder_it_claimed(capsys, tmp_path):
+    out_dir = tmp_path / "tour"
+    code, _, err = run(capsys, "tour", "--out", out_dir, "--data", tmp_path / "no-data", "--cache", tmp_path / "c")
+    assert code == 2 and "does not exist" in err
+    assert not out_dir.exists()
+
+
+def test_a_diverged_finetune_saves_nothing_and_exits_1(capsys, base_args, tmp_path):
+    out_dir = tmp_path / "rj"
+    code, out, err = run(capsys, "finetune", *base_args, *FAST, "--lr", "1e6", "--out", out_dir)
+    assert code == 1, (out, err)
+    assert "diverged" in err and "nothing was saved" in err and "smaller learning rate" in err
+    assert "saved" not in out and not out_dir.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Which base an adapter belongs to
+
+
+def _adapter_from_python(capsys, base_args, path):
+    """An adapter saved outside the CLI (no base record) on the module's 20-step base, with random A and B.
+    Returns (the base's cache folder, its vocabulary)."""
+    from lora_lab import LoRAConfig, apply_lora, save_adapter
+
+    code, out, _ = run(capsys, "pretrain", *base_args)
+    assert code == 0
+    base_path = out.split(" at ", 1)[1].split(")")[0]  # "... (loaded from cache at PATH)"
+    model, meta = load_checkpoint(base_path)
+    torch.manual_seed(1)
+    apply_lora(model, LoRAConfig(r=2, targets=("q_proj",)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)
+    save_adapter(model, path)
+    return base_path, meta["vocab"]
+
+
+def test_adapter_of_another_base_is_refused_unless_allowed(capsys, base_args, tmp_path):
+    adapter = tmp_path / "adapter"
+    _adapter_from_python(capsys, base_args, adapter)
+    other_base = [a if a != "20" else "21" for a in base_args]  # --pretrain-iters 21: same shape, other weights
+    code, out, err = run(capsys, "sample", *other_base, "--adapter", adapter, "-n", "20")
+    assert code == 2 and out == "" and "trained on other base weights" in err and "--allow-other-base" in err
+    code, out, err = run(capsys, "sample", *other_base, "--adapter", adapter, "-n", "20", "--allow-other-base")
+    assert code == 0 and len(out) == 1 + 20 + 1
+    code, out, _ = run(capsys, "merge", *other_base, "--adapter", adapter, "--out", tmp_path / "m",
+                       "--allow-other-base")
+    assert code == 0 and (tmp_path / "m" / "config.json").is_file()
+
+
+def test_an_old_adapter_with_the_side_file_still_finds_its_base(capsys, base_args, tmp_path):
+    adapter = tmp_path / "old"
+    base_path, vocab = _adapter_from_python(capsys, base_args, adapter)
+    (adapter / "lora_lab_base.json").write_text(json.dumps({
+        "format": "lora_lab.cli.base.v1", "preset": "tiny", "pretrain_iters": 20,
+        "base_checkpoint": base_path, "vocab": vocab, "task": "shout"}))
+    other_base = [a if a != "20" else "21" for a in base_args]
+    code, out, err = run(capsys, "sample", *other_base, "--adapter", adapter, "-n", "10")
+    assert code == 0, err  # the side file points at the right base, not at the 21-step one of the arguments
+
+
+def test_sampling_a_dropout_model_is_fixed_by_the_seed(capsys, base_args, tmp_path):
+    # A checkpoint with dropout 0.5 (as the small preset has 0.2): sampling must switch dropout off.
+    from lora_lab import GPT, GPTConfig, save_checkpoint
+
+    vocab = "".join(sorted(set("\nabcdefgh ")))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(vocab), block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.5))
+    save_checkpoint(model, tmp_path / "ckpt", metadata={"vocab": vocab})
+    outs = {run(capsys, "sample", *base_args, "--checkpoint", tmp_path / "ckpt", "--prompt", "ab", "--seed", "4",
+                "-n", "50")[1] for _ in range(3)}
+    assert len(outs) == 1 and len(outs.pop()) == 2 + 50 + 1
+
+
+def test_a_corrupt_cache_entry_says_how_to_recover(capsys, base_args, tmp_path):
+    args = list(base_args)
+    args[args.index("--cache") + 1] = str(tmp_path / "cache")  # a cache of its own, to break
+    code, _, _ = run(capsys, "pretrain", *args)
+    assert code == 0
+    (entry,) = (tmp_path / "cache").iterdir()
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # a flipped bit inside a tensor
+    weights.write_bytes(bytes(data))
+    code, out, err = run(capsys, "sample", *args, "-n", "5")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert str(entry) in err and "--retrain" in err
+    code, out, _ = run(capsys, "pretrain", *args, "--retrain")
+    assert code == 0 and "trained and cached" in out
+    code, out, _ = run(capsys, "sample", *args, "-n", "5")
+    assert code == 0

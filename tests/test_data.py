@@ -100,3 +100,80 @@ def test_dataset_vocab_covers_all_splits():
     ds = CharDataset.from_texts({"train": "aab", "validation": "abc"})
     assert ds.tokenizer.chars == ["a", "b", "c"]
     assert ds.splits["validation"].tolist() == [0, 1, 2]
+
+
+def _no_network(monkeypatch, calls):
+    import datasets.config
+    import huggingface_hub.constants
+
+    for module, name in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+                         (huggingface_hub.constants, "HF_HUB_OFFLINE")):
+        monkeypatch.setattr(module, name, False, raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+
+    def refuse(address, timeout=None):
+        calls.append((address, timeout))
+        raise OSError("Network is unreachable")
+
+    def never(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset must not be called when the hub is unreachable")
+
+    monkeypatch.setattr("socket.create_connection", refuse)
+    monkeypatch.setattr("datasets.load_dataset", never)
+
+
+def test_unreachable_hub_fails_at_once_with_the_local_copy_hint(monkeypatch):
+    import time
+
+    calls = []
+    _no_network(monkeypatch, calls)
+    t0 = time.perf_counter()
+    with pytest.raises(DataUnavailableError, match="hub is not reachable") as err:
+        load_splits("karpathy/tiny_shakespeare")
+    assert time.perf_counter() - t0 < 2.0
+    assert "LORA_LAB_DATA=" in str(err.value) and "Network is unreachable" in str(err.value)
+    assert calls == [(("huggingface.co", 443), 3.0)]  # one quiet check, with a short timeout
+
+
+def test_offline_switch_skips_the_reachability_check(monkeypatch):
+    import datasets.config
+
+    calls = []
+    _no_network(monkeypatch, calls)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataUnavailableError, match="Could not load"):  # the (fake) hub client was asked
+        load_splits("karpathy/tiny_shakespeare")
+    assert calls == []
+
+
+@pytest.mark.parametrize("n_chars", [0, 3, 10])
+def test_a_text_too_short_for_every_split_is_refused(tmp_path, n_chars):
+    path = tmp_path / "short.txt"
+    path.write_text("abcdefghijklmnopqrstuvwxyz"[:n_chars])
+    with pytest.raises(DataUnavailableError, match=r"too short: its .*validation.* split\(s\) are empty"):
+        load_splits(path)
+    path.write_text("x" * 20)
+    assert [len(t) for t in load_splits(path).values()] == [18, 1, 1]
+
+
+def test_bad_tokenizer_and_dataset_input_is_named():
+    with pytest.raises(ValueError, match="at least one character"):
+        CharTokenizer("")
+    with pytest.raises(ValueError, match="single characters"):
+        CharTokenizer(["ab", "c"])
+    tok = CharTokenizer("abc")
+    with pytest.raises(ValueError, match=r"\[0, 3\); got \[-1\]"):
+        tok.decode([0, -1])  # would silently decode as 'c' by indexing from the end
+    with pytest.raises(ValueError, match="got \\[True\\]"):
+        tok.decode([True])
+    with pytest.raises(ValueError, match=r"Split\(s\) \['validation'\] of the texts are empty"):
+        CharDataset.from_texts({"train": "abc", "validation": ""})
+    with pytest.raises(ValueError, match="non-empty dict"):
+        CharDataset.from_texts("abc")
+    with pytest.raises(ValueError, match="1-D tensor of token ids"):
+        get_batch(torch.zeros((4, 100), dtype=torch.long), 2, 8)
+    with pytest.raises(ValueError, match="batch_size=2.5"):
+        get_batch(torch.arange(100), 2.5, 8)
+    with pytest.raises(TypeError, match="source must be a path"):
+        load_splits(42)

@@ -149,3 +149,11 @@ def test_check_best_setting():
     assert exercises.check_best_setting(right).ok
     assert not exercises.check_best_setting(cheapest).ok
     assert not exercises.check_best_setting(lambda results, budget: min(results, key=lambda p: p.target_loss)).ok
+
+
+def test_a_value_instead_of_a_function_is_explained():
+    from lora_lab import exercises
+
+    report = exercises.check_break_even_rank(42)
+    assert not report.ok
+    assert "expected your function (or class) itself, got a int" in str(report) and "without calling it" in str(report)

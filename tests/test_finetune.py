@@ -127,7 +127,8 @@ def test_rank_sweep_writes_a_table_and_a_plot(setup, tmp_path):
     out = tmp_path / "sweep"
     sweep = rank_sweep(base, task, tokenizer, [1, 2, 4], ("q_proj", "v_proj"), 4.0, quick(max_iters=15), out,
                        progress=False, **EVAL)
-    assert sorted(p.name for p in out.iterdir()) == ["sweep.csv", "sweep.png"]  # no temporary files left
+    # no temporary files left; the marker says the folder is a sweep's, so a rerun may replace its files
+    assert sorted(p.name for p in out.iterdir()) == [".lora_lab_output.json", "sweep.csv", "sweep.png"]
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["rank"]) for r in rows] == [1, 2, 4]
@@ -171,3 +172,52 @@ def test_format_table():
         "| a  | b      | c    |", "| -- | ------ | ---- |", "| 1  | 0.5000 | 16.0 |", "| 22 | -      | 2.5  |"
     ]
     assert format_table([{"alpha": 16.0, "loss": 1.23456}]).splitlines()[2] == "| 16    | 1.2346 |"
+
+
+def test_rank_sweep_refuses_a_folder_of_other_files_before_training(setup, tmp_path, monkeypatch):
+    import lora_lab.finetune as ft
+
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "sweep.csv").write_text("my own table")
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: pytest.fail("trained before checking the output folder"))
+    with pytest.raises(ValueError, match="Refusing to write .*notes"):
+        rank_sweep(base, task, tokenizer, [1], out_dir=mine, progress=False)
+    assert [p.name for p in mine.iterdir()] == ["sweep.csv"] and (mine / "sweep.csv").read_text() == "my own table"
+
+
+def test_rank_sweep_takes_one_target_name_as_a_string(setup):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    sweep = rank_sweep(base, task, tokenizer, [1], "q_proj", 2.0, quick(max_iters=2), progress=False,
+                       eval_batch_size=4, eval_iters=1)
+    assert sweep.rows[0]["targets"] == ["q_proj"] and sweep.rows[0]["trainable_params"] == 2 * (32 + 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"lora": "r=4"}, ValueError, "lora must be a LoRAConfig"),
+        ({"train_config": {"max_iters": 3}}, TypeError, "train_config must be a TrainConfig"),
+        ({"eval_iters": 0}, ValueError, "eval_iters must be a positive integer, got 0"),
+        ({"eval_batch_size": 2.5}, ValueError, "eval_batch_size must be a positive integer"),
+        ({"tokenizer": "abc"}, TypeError, "tokenizer must be a CharTokenizer"),
+    ],
+)
+def test_finetune_names_a_bad_argument(setup, kwargs, error, message):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    args = {"tokenizer": tokenizer, **kwargs}
+    with pytest.raises(error, match=message):
+        finetune(base, task, args.pop("tokenizer"), progress=False, **args)
+
+
+def test_finetune_refuses_texts_shorter_than_a_window(setup):
+    from lora_lab.tasks import Task
+
+    base, tokenizer, _ = setup
+    task = Task("short", "d", train="the king" * 10, validation="the", source_validation="the king" * 10)
+    with pytest.raises(ValueError, match=r"Task 'short': text\(s\) \{'target': 3\} .* block_size=16"):
+        finetune(base, task, tokenizer, progress=False)

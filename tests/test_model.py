@@ -183,3 +183,105 @@ def test_a_config_saved_before_positions_existed_loads_as_the_learned_table(tiny
     assert GPTConfig.from_dict(tiny_config.to_dict()).positions == "rope"
     # the fingerprint lora_lab 0.1 (learned positions only) wrote for this config into checkpoints and adapters
     assert GPTConfig.from_dict(old).fingerprint() == "9350e3999f4ac0e2"
+
+
+def test_generate_refuses_an_empty_prompt_and_bad_lengths(tiny_config):
+    model = GPT(tiny_config)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        model.generate(torch.zeros((1, 0), dtype=torch.long), 3)
+    for bad in (-5, 2.0, True, None):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be a non-negative integer, got {bad!r}"):
+            model.generate(torch.zeros((1, 1), dtype=torch.long), bad)
+    idx = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model.generate(idx, 0), idx)  # 0 new tokens is allowed: the prompt comes back
+
+
+@pytest.mark.parametrize("bad_ids, shown", [([[3, -1, 2]], "-1"), ([[17, 4, 99]], "17, 99")])
+def test_ids_outside_the_vocabulary_are_named(tiny_config, bad_ids, shown):
+    model = GPT(tiny_config)
+    idx = torch.tensor(bad_ids)
+    with pytest.raises(ValueError, match=rf"token id\(s\) {shown} outside the vocabulary \[0, 17\)"):
+        model(idx)
+    with pytest.raises(ValueError, match=rf"{shown} outside the vocabulary \[0, 17\) \(vocab_size=17\)"):
+        model.generate(idx, 2)
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(torch.zeros((1, 2)))
+    with pytest.raises(ValueError, match=r"\(batch, time\) tensor"):
+        model(torch.zeros(3, dtype=torch.long))
+
+
+def test_generate_runs_in_eval_mode_and_restores_the_callers(tiny_config):
+    model = GPT(replace(tiny_config, dropout=0.5)).train()
+    idx = torch.zeros((1, 1), dtype=torch.long)
+    a = model.generate(idx, 20, generator=torch.Generator().manual_seed(3))
+    b = model.generate(idx, 20, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and model.training
+    model.eval()
+    assert torch.equal(model.generate(idx, 20, generator=torch.Generator().manual_seed(3)), a)
+    assert not model.training
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast attention path (issue 11): each shortcut equals the readable computation it replaces
+
+
+def test_rotating_q_and_k_together_equals_apply_rotary():
+    from lora_lab.model import apply_rotary, rotary_pair_tables, rotary_tables, rotate_pairs
+
+    B, T, H, D = 2, 10, 3, 8
+    cos, sin = rotary_tables(D, 16)
+    qk = torch.randn(B, T, 2, H * D)
+    fast = rotate_pairs(qk.unflatten(-1, (H, 2, -1)), *rotary_pair_tables(cos, sin)).flatten(-3)  # (B, T, 2, C)
+    for i in range(2):
+        heads = qk[:, :, i].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        reference = apply_rotary(heads, cos, sin).transpose(1, 2).reshape(B, T, H * D)
+        torch.testing.assert_close(fast[:, :, i], reference, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_matmul_for_q_k_v_equals_three(tiny_config, bias):
+    from dataclasses import replace
+
+    attn = GPT(replace(tiny_config, bias=bias)).blocks[0].attn
+    if bias:
+        for layer in (attn.q_proj, attn.k_proj, attn.v_proj):
+            torch.nn.init.normal_(layer.bias)
+    x = torch.randn(2, 5, tiny_config.n_embd, requires_grad=True)
+    fused = attn.project_qkv(x)
+    separate = torch.stack((attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), dim=2)
+    torch.testing.assert_close(fused, separate, atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(fused)
+    grads_fused = torch.autograd.grad(fused, [x, attn.q_proj.weight, attn.v_proj.weight], g)
+    grads_separate = torch.autograd.grad(separate, [x, attn.q_proj.weight, attn.v_proj.weight], g)
+    for a, b in zip(grads_fused, grads_separate):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrapped_projection_runs_itself(tiny_config):
+    attn = GPT(tiny_config).blocks[0].attn
+
+    class Doubled(torch.nn.Module):  # stands in for a LoRA wrapper: anything that is not a plain nn.Linear
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    x = torch.randn(2, 5, tiny_config.n_embd)
+    before = attn.project_qkv(x)
+    attn.k_proj = Doubled(attn.k_proj)
+    after = attn.project_qkv(x)
+    torch.testing.assert_close(after[:, :, 1], 2 * before[:, :, 1])
+    torch.testing.assert_close(after[:, :, ::2], before[:, :, ::2])
+
+
+def test_cpu_bf16_attention_runs_in_fp32():
+    from lora_lab.model import attention
+
+    q, k, v = (torch.randn(2, 3, 8, 16).to(torch.bfloat16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v)
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, reference.to(torch.bfloat16))

@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import os
 import sys
 
 import peft  # in the test extras; lora_lab itself only needs it for require_peft
@@ -13,8 +14,8 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from safetensors.torch import load_file
 
 from lora_lab import (GPT, GPTConfig, LoRAConfig, LoRAError, LoRALinear, apply_lora, export_peft, import_peft,
-                      lora_layers)
-from lora_lab.files import CorruptFileError
+                      lora_layers, save_adapter)
+from lora_lab.files import CorruptFileError, OutputExistsError
 from lora_lab.peft_interop import require_peft
 
 TINY = GPTConfig(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -149,3 +150,34 @@ def test_missing_peft_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # what an uninstalled package looks like to import
     with pytest.raises(ImportError, match="optional package 'peft'.*pip install"):
         require_peft()
+
+
+def test_export_replaces_only_a_peft_lora_folder(tmp_path):
+    base = tiny_gpt()
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(r=2, targets=("q_proj",)))
+    export_peft(model, tmp_path / "peft")
+    with torch.no_grad():
+        lora_layers(model)["blocks.0.attn.q_proj"].lora_B.add_(1.0)
+    export_peft(model, tmp_path / "peft")  # our own earlier export: replaced
+    again = import_peft(copy.deepcopy(base), tmp_path / "peft")
+    assert torch.equal(again(tokens())[0], model(tokens())[0])
+    assert sorted(os.listdir(tmp_path)) == ["peft"]
+
+    save_adapter(model, tmp_path / "ours")  # same file names, but a lora_lab adapter, not a PEFT one
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "adapter_config.json").write_text('{"note": "my own"}')
+    get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "hf")
+    for target, message in [("ours", "peft_type: None"), ("user", "peft_type: None"), ("hf", "README.md")]:
+        before = {p.name: p.read_bytes() for p in (tmp_path / target).iterdir()}
+        with pytest.raises(OutputExistsError, match=message):
+            export_peft(model, tmp_path / target)
+        assert {p.name: p.read_bytes() for p in (tmp_path / target).iterdir()} == before
+
+
+def test_export_refuses_non_finite_tensors(tmp_path):
+    model = apply_lora(tiny_gpt(), LoRAConfig(r=2, targets=("q_proj",)))
+    with torch.no_grad():
+        lora_layers(model)["blocks.1.attn.q_proj"].lora_A[0, 0] = float("nan")
+    with pytest.raises(LoRAError, match=r"base_model.model.blocks.1.attn.q_proj.lora_A.weight'\] contain NaN"):
+        export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lora_lab import GPTConfig, TrainConfig, pretrained_base
+from lora_lab.files import CorruptFileError, OutputExistsError
 from lora_lab.pretrained import cache_dir
 
 TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
@@ -57,3 +58,48 @@ def test_cache_location_setting(monkeypatch, tmp_path):
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):
         pretrained_base("huge")
+
+
+@pytest.mark.parametrize("damage", ["unreadable json", "flipped byte", "truncated tensors", "missing weights"])
+def test_a_damaged_cache_entry_names_its_folder_and_the_way_out(tmp_path, text_file, damage):
+    kwargs = dict(model_config=TINY, train_config=FAST, data_source=text_file, cache=tmp_path / "c", progress=False)
+    first = pretrained_base(**kwargs)
+    weights, config = first.path / "model.safetensors", first.path / "config.json"
+    if damage == "unreadable json":
+        config.write_text(config.read_text()[:-30])
+    elif damage == "flipped byte":
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0x01
+        weights.write_bytes(bytes(data))
+    elif damage == "truncated tensors":
+        weights.write_bytes(weights.read_bytes()[:200])
+    else:
+        weights.unlink()
+    with pytest.raises(CorruptFileError) as info:
+        pretrained_base(**kwargs)
+    message = str(info.value)
+    assert f"The cached base model in {first.path} is damaged" in message
+    assert "retrain=True (CLI: --retrain)" in message and f"delete the folder {first.path}" in message
+
+    again = pretrained_base(retrain=True, **kwargs)  # retraining repairs the entry in place
+    assert not again.from_cache and again.path == first.path
+    loaded = pretrained_base(**kwargs)
+    assert loaded.from_cache
+    idx = torch.randint(0, loaded.model.config.vocab_size, (2, 16))
+    assert torch.equal(loaded.model(idx)[0], first.model.eval()(idx)[0])  # same seed, same model
+
+
+def test_the_cache_writer_replaces_only_its_own_folder(tmp_path, text_file):
+    kwargs = dict(model_config=TINY, train_config=FAST, data_source=text_file, cache=tmp_path / "c", progress=False)
+    first = pretrained_base(**kwargs)
+    (first.path / "notes.txt").write_text("mine")  # someone put a file of their own into the cache folder
+    before = {p.name: p.read_bytes() for p in first.path.iterdir()}
+    with pytest.raises(OutputExistsError, match="notes.txt"):
+        pretrained_base(retrain=True, **kwargs)
+    assert {p.name: p.read_bytes() for p in first.path.iterdir()} == before
+
+
+def test_the_cached_base_loads_in_eval_mode(tmp_path, text_file):
+    kwargs = dict(model_config=TINY, train_config=FAST, data_source=text_file, cache=tmp_path / "c", progress=False)
+    pretrained_base(**kwargs)
+    assert not pretrained_base(**kwargs).model.training

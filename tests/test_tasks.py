@@ -97,3 +97,28 @@ def test_every_task_character_is_in_the_dataset_vocabulary(splits):
 def test_unknown_task_is_a_clear_error(splits):
     with pytest.raises(ValueError, match="Unknown task 'hamlet'.*romeo_juliet.*shout"):
         make_task("hamlet", splits)
+
+
+@pytest.mark.parametrize("name", ["romeo_juliet", "shout"])
+def test_missing_or_empty_splits_are_named(name):
+    with pytest.raises(ValueError, match=r"splits\['validation'\] is missing or empty"):
+        make_task(name, {"train": "ROMEO:\nhi\n\n"})
+    with pytest.raises(ValueError, match=r"splits\['train'\] is missing or empty"):
+        make_task(name, {"train": "", "validation": "abc"})
+    with pytest.raises(ValueError, match="splits must be a dict"):
+        make_task(name, "ROMEO:\nhi\n\n")
+
+
+def test_a_play_of_one_speech_is_too_short_to_split():
+    splits = {"train": "GLOUCESTER:\nNow is the winter.\n\nROMEO:\nBut soft!\n\n", "validation": "KING:\nyes\n\n"}
+    with pytest.raises(ValueError, match="only 1 speech"):
+        make_task("romeo_juliet", splits)
+
+
+def test_a_task_with_an_empty_text_is_refused():
+    from lora_lab.tasks import Task
+
+    with pytest.raises(ValueError, match="Task 'x': its validation text is empty"):
+        Task("x", "d", train="abc", validation="", source_validation="abc")
+    with pytest.raises(ValueError, match="Unknown task"):
+        make_task(["shout"], {"train": "a", "validation": "b"})

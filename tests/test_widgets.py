@@ -275,8 +275,9 @@ def test_adapter_switcher_drives_the_bank(tiny_model_and_tokenizer, tmp_path):
     model, tok = tiny_model_and_tokenizer
     adapted = {}
     for i, name in enumerate(("a", "b")):
-        m = apply_lora(GPT(model.config), LoRAConfig(r=2, targets=("v_proj", "o_proj", "up_proj", "down_proj")))
-        m.load_state_dict(model.state_dict(), strict=False)  # the same base weights as `model`
+        m = GPT(model.config)
+        m.load_state_dict(model.state_dict())  # the same base weights as `model` (the adapter's digest checks it)
+        apply_lora(m, LoRAConfig(r=2, targets=("v_proj", "o_proj", "up_proj", "down_proj")))
         with torch.no_grad():  # a strong random adapter, so that it visibly changes the samples
             for p in m.parameters():
                 if p.requires_grad:
@@ -374,3 +375,33 @@ def test_rank_dashboard_fine_tunes_for_real(tiny_model_and_tokenizer):
     dash.rank.value = 2
     dash.rank.value = 1
     assert dash.from_cache and dash.current == first
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad starting values: refused by name instead of silently clamped by a slider
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda m, t: widgets.LowRankExplorer(torch.eye(8), r=50), "r must be an integer from 1 to 8"),
+        (lambda m, t: widgets.LowRankExplorer([[1.0]], r=1), "matrix must be a 2-D torch.Tensor"),
+        (lambda m, t: widgets.LoRAShapeCounter(d=8), "d must be an integer from 16 to 16384"),
+        (lambda m, t: widgets.LoRAShapeCounter(r=0), "r must be an integer from 1 to 256"),
+        (lambda m, t: widgets.ModelLoRACounter(model="GPT-5"), "Unknown model 'GPT-5'"),
+        (lambda m, t: widgets.ModelLoRACounter(targets=("wq",)), r"Unknown target\(s\) \['wq'\]"),
+        (lambda m, t: widgets.ModelLoRACounter(r=100), "r must be an integer from 1 to 64"),
+        (lambda m, t: widgets.ModelLoRACounter(bytes_per_param=0), "bytes_per_param must be a positive integer"),
+        (lambda m, t: widgets.SampleExplorer(m, t, prompt="a", length=5), "length must be an integer from 10 to 1000"),
+        (lambda m, t: widgets.SampleExplorer(m, t, prompt=""), "prompt must be a non-empty string"),
+        (lambda m, t: widgets.SampleComparer({"m": m}, t, prompt="a", length=601), "length must be an integer from 10"),
+        (lambda m, t: widgets.SampleComparer([m], t, prompt="a"), "needs a dict"),
+        (lambda m, t: widgets.SampleExplorer(m, t, prompt="a", seed="1"), "seed must be an integer"),
+        (lambda m, t: widgets.RankDashboard(m, evaluate=lambda c: {}, ranks=(0, 4)), "ranks must be positive integers"),
+        (lambda m, t: widgets.RankDashboard(m, evaluate=lambda c: {}, alpha=float("inf")), "alpha must be a positive"),
+    ],
+)
+def test_bad_starting_values_are_named(tiny_model_and_tokenizer, make, message):
+    model, tok = tiny_model_and_tokenizer
+    with pytest.raises(ValueError, match=message):
+        make(model, tok)
