@@ -42,7 +42,7 @@ def run(positions: str, data: CharDataset, args: argparse.Namespace) -> None:
     train_config = TrainConfig(
         max_iters=args.iters, batch_size=12, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
         lr_decay_iters=args.iters, eval_interval=max(args.iters // 4, 1), eval_iters=20, seed=args.seed,
-        device=args.device,
+        device=args.device, bf16=not args.fp32,
     )
     torch.manual_seed(args.seed)
     model = GPT(config)
@@ -53,7 +53,7 @@ def run(positions: str, data: CharDataset, args: argparse.Namespace) -> None:
     splits = {"train": data.splits["train"], "val": data.splits["validation"],
               "nanogpt_val": torch.cat([data.splits["validation"], data.splits["test"]])}
     sampled = estimate_loss(model, splits, batch_size=12, eval_iters=args.final_eval_iters, seed=0,
-                            device=next(model.parameters()).device)
+                            device=next(model.parameters()).device, use_bf16=not args.fp32)
     model.cpu()
     exact = {name: whole_split_loss(model, split) for name, split in splits.items() if name != "train"}
     print(f"\n== positions={positions}: {model.num_parameters():,} parameters, config {config}")
@@ -73,6 +73,8 @@ def main() -> None:
                         help="position encodings to train, one run each (default: both)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--fp32", action="store_true",
+                        help="no bf16 autocast (lora_lab's default uses it on CUDA and on CPUs with native bf16)")
     parser.add_argument("--final-eval-iters", type=int, default=200, help="batches per split for the sampled losses")
     parser.add_argument("--data", default=None, help="dataset location (default: $LORA_LAB_DATA, then the hub)")
     args = parser.parse_args()

@@ -1,7 +1,9 @@
 """LoRA adapters as files and as swappable parts of one loaded base model.
 
-An adapter is only what LoRA trained: A and B for each adapted layer (plus any `trainable` weights),
-saved as adapter_model.safetensors next to adapter_config.json, which names the base model it fits.
+An adapter is only the adapted layers' own tensors (A and B for plain LoRA; whatever a variant declares:
+its parameters and persistent buffers) plus any `trainable` weights, saved as adapter_model.safetensors
+next to adapter_config.json, which names the variant, its hyperparameters and the base model it fits.
+Which tensors to expect is never typed here: it comes from building the variant's layer on "meta".
 AdapterBank keeps several adapters for one base and swaps them without reloading the base.
 """
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from .files import CorruptFileError, nonfinite_names, read_bundle, write_bundle
-from .lora import (AdapterMismatchError, LoRAConfig, LoRAError, _require_lora, _select_targets, _select_trainable,
-                   _unwrap, apply_lora, lora_layers)
+from .lora import AdapterMismatchError, LoRAConfig, LoRAError, apply_lora, lora_layers, require_lora, unload_lora
+from .targets import target_linears, trainable_parameters
 
 ADAPTER_FORMAT = "lora_lab.adapter.v1"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -34,8 +36,8 @@ ALLOW_OTHER_BASE_HINT = "allow_other_base=True (CLI: --allow-other-base)"
 def base_weights_digest(model: nn.Module, exclude=(), overrides: dict | None = None) -> str:
     """sha256 over the frozen base weights of `model`, whether or not it carries LoRA layers.
 
-    The base is the model without A and B: a LoRA layer contributes its base weight (as it was before a
-    merge) under the plain layer's name. Tensors go in sorted name order, each as fp32 bytes with its
+    The base is the model without the adapters: a LoRA layer (any variant) contributes only its base weight
+    (as it was before a merge) under the plain layer's name; its own tensors are left out. Tensors go in sorted name order, each as fp32 bytes with its
     name and shape, so the digest does not depend on the device. `exclude` names weights the adapter
     itself replaces (its `trainable` modules), which training changes; `overrides` gives base values
     to use instead of the model's current ones ({name: tensor}, for weights an active adapter changed).
@@ -44,8 +46,8 @@ def base_weights_digest(model: nn.Module, exclude=(), overrides: dict | None = N
     renamed = {}
     for name, t in model.state_dict().items():
         for n, layer in layers.items():
-            if name in (f"{n}.lora_A", f"{n}.lora_B"):
-                break
+            if name.startswith(f"{n}.") and not name.startswith(f"{n}.base."):
+                break  # the layer's own tensors (A, B, a DoRA magnitude, ...)
             if name.startswith(f"{n}.base."):
                 name = f"{n}.{name[len(n) + 6:]}"
                 if name == f"{n}.weight" and getattr(layer, "weight_before_merge", None) is not None:
@@ -64,7 +66,7 @@ def base_weights_digest(model: nn.Module, exclude=(), overrides: dict | None = N
 
 
 def _trainable_names(model: nn.Module, config: LoRAConfig) -> list[str]:
-    return sorted(_select_trainable(model, config, _select_targets(model, config.targets, config.r)))
+    return sorted(trainable_parameters(model, config.trainable, target_linears(model, config.targets, config.r)))
 
 
 def _check_same_base(fingerprint, saved_config: dict, digest, model: nn.Module, config: LoRAConfig,
@@ -87,16 +89,21 @@ def _check_same_base(fingerprint, saved_config: dict, digest, model: nn.Module, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Adapters on disk: only A, B (and `trainable` weights) plus a config naming the base they fit
+# Adapters on disk: the layers' own tensors (and `trainable` weights) plus a config naming the base they fit
 
 
-def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: tensor} of everything an adapter of `model` holds: each LoRA layer's own tensors, then the
+    `trainable` weights. Names are the model's ("blocks.0.attn.q_proj.lora_A")."""
     tensors = {}
-    for n, layer in _require_lora(model).items():
-        tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"] = layer.lora_A, layer.lora_B
-    config = model.lora_config
-    tensors.update(_select_trainable(model, config, lora_layers(model)))
+    for n, layer in require_lora(model).items():
+        tensors.update({f"{n}.{key}": t for key, t in layer.adapter_tensors().items()})
+    tensors.update(trainable_parameters(model, model.lora_config.trainable, lora_layers(model)))
     return tensors
+
+
+def _layer_tensor_names(model: nn.Module) -> set[str]:
+    return {f"{n}.{key}" for n, layer in lora_layers(model).items() for key in layer.adapter_tensors()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
@@ -107,27 +114,29 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
     Refused, with nothing written: non-finite tensors (a diverged fine-tune), and a `path` holding
     anything but a lora_lab adapter (see files.write_bundle).
     """
-    layers = _require_lora(model)
-    tensors = _adapter_tensors(model)
+    layers = require_lora(model)
+    tensors = adapter_tensors(model)
     bad = nonfinite_names(tensors)
     if bad:
         raise LoRAError(f"Refusing to save the adapter to {path}: tensors {bad[:5]} contain NaN or Inf "
                         "(the fine-tune diverged; try a lower learning rate). Nothing was written.")
+    layer_tensors = _layer_tensor_names(model)
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a JSON object (a dict), got {type(metadata).__name__}.")
     meta = {
         "format": ADAPTER_FORMAT,
         "lora_config": model.lora_config.to_dict(),
-        "scaling": "alpha/r",
+        "variant": model.lora_config.variant,
+        "scaling": model.lora_config.layer_class.scaling_rule,
         "base_fingerprint": model.config.fingerprint(),
         "base_config": model.config.to_dict(),
         DIGEST_KEY: base_weights_digest(model, exclude=_trainable_names(model, model.lora_config)),
         "modules": [
             {"name": n, "d": l.base.out_features, "k": l.base.in_features, "r": l.r,
-             "lora_A": [l.r, l.base.in_features], "lora_B": [l.base.out_features, l.r]}
+             **{key: list(t.shape) for key, t in l.adapter_tensors().items()}}
             for n, l in layers.items()
         ],
-        "trainable_params": {n: list(t.shape) for n, t in tensors.items() if not n.endswith((".lora_A", ".lora_B"))},
+        "trainable_params": {n: list(t.shape) for n, t in tensors.items() if n not in layer_tensors},
         "metadata": metadata or {},
     }
     try:
@@ -147,13 +156,17 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
-    targets = _select_targets(model, config.targets, config.r)
+def expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} an adapter with `config` must hold for `model`: each target's variant layer is
+    built on the "meta" device (no memory, no random numbers) and asked for its tensors."""
+    targets = target_linears(model, config.targets, config.r)
     shapes = {}
-    for n, lin in targets.items():
-        shapes[f"{n}.lora_A"] = (config.r, lin.in_features)
-        shapes[f"{n}.lora_B"] = (lin.out_features, config.r)
-    shapes.update({n: tuple(p.shape) for n, p in _select_trainable(model, config, targets).items()})
+    with torch.random.fork_rng(devices=[]):
+        for n, lin in targets.items():
+            probe = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+            layer = config.layer_class.from_config(probe, config)
+            shapes.update({f"{n}.{key}": tuple(t.shape) for key, t in layer.adapter_tensors().items()})
+    shapes.update({n: tuple(p.shape) for n, p in trainable_parameters(model, config.trainable, targets).items()})
     return shapes
 
 
@@ -176,14 +189,19 @@ def _check_installable(model: nn.Module, config: LoRAConfig, tensors: dict, sour
     layers = lora_layers(model)
     if any(l.merged for l in layers.values()):
         raise LoRAError("The model's LoRA is merged; call unmerge_lora before loading another adapter.")
-    shapes = _expected_shapes(model, config)
+    shapes = expected_shapes(model, config)
     if layers:
-        theirs = sorted(n[: -len(".lora_A")] for n in shapes if n.endswith(".lora_A"))
+        theirs = sorted(target_linears(model, config.targets, config.r))
         mine = model.lora_config
         if theirs != sorted(layers) or config.r != mine.r:
             raise AdapterMismatchError(f"{source} adapts {theirs[:4]} at r={config.r}, but the model is adapted at "
                                        f"{sorted(layers)[:4]} with r={mine.r}: targets and rank must agree.")
-        if set(_select_trainable(model, config, layers)) != set(_select_trainable(model, mine, layers)):
+        if (config.variant, config.options) != (mine.variant, mine.options):
+            raise AdapterMismatchError(f"{source} is a {config.variant!r} adapter {config.options or ''}, the model "
+                                       f"carries {mine.variant!r} {mine.options or ''}; load it into the plain base "
+                                       "(or an AdapterBank) instead.")
+        if set(trainable_parameters(model, config.trainable, layers)) != set(
+                trainable_parameters(model, mine.trainable, layers)):
             raise AdapterMismatchError(f"{source} trains modules {config.trainable}, the model {mine.trainable}.")
     _check_tensors(tensors, shapes, source)
 
@@ -196,13 +214,13 @@ def _install(model: nn.Module, config: LoRAConfig, tensors: dict, source: str) -
         cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
         with torch.random.fork_rng(devices=cuda):  # loading must not consume random numbers
             apply_lora(model, config)
-    params = dict(model.named_parameters())
+    state = model.state_dict(keep_vars=True)  # parameters and persistent buffers, by name
     with torch.no_grad():
         for layer in lora_layers(model).values():  # an adapted model takes the adapter's alpha and dropout
             layer.alpha = float(config.alpha)
             layer.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         for n, t in tensors.items():
-            params[n].copy_(t)  # cast to the model's dtype and device
+            state[n].copy_(t)  # cast to the model's dtype and device
     model.lora_config = config
     return model
 
@@ -215,7 +233,7 @@ def _check_finite_outputs(model: nn.Module, config: LoRAConfig, tensors: dict, s
     """
     probe = copy.deepcopy(model)
     if lora_layers(probe):
-        _unwrap(probe)
+        unload_lora(probe)
     _install(probe, config, tensors, source)
     n = min(probe.config.block_size, 16)
     device = next(probe.parameters()).device
@@ -239,10 +257,14 @@ def _read_adapter(path: str | os.PathLike, model: nn.Module) -> tuple[LoRAConfig
         base = {"fingerprint": meta["base_fingerprint"], "saved_config": dict(meta["base_config"]),
                 "digest": meta.get(DIGEST_KEY)}
         scaling = meta["scaling"]
+        if meta.get("variant", "lora") != config.variant:
+            raise ValueError(f"'variant' {meta.get('variant')!r} differs from lora_config's {config.variant!r}")
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"{path / CONFIG_FILE} is not a valid adapter config: {err!r}") from None
-    if scaling != "alpha/r":
-        raise CorruptFileError(f"{path / CONFIG_FILE}: unsupported scaling rule {scaling!r} (expected 'alpha/r').")
+    rule = config.layer_class.scaling_rule
+    if scaling != rule:
+        raise CorruptFileError(f"{path / CONFIG_FILE}: unsupported scaling rule {scaling!r} for variant "
+                               f"{config.variant!r} (expected {rule!r}).")
     _check_same_base(base["fingerprint"], base["saved_config"], None, model, config, f"Adapter {path}", True)
     return config, files[WEIGHTS_FILE], base
 
@@ -290,7 +312,7 @@ class AdapterBank:
             if any(l.merged for l in layers.values()) or model.lora_config.trainable:
                 raise LoRAError("AdapterBank needs an unmerged model whose adapter trains no extra modules "
                                 "(their base weights would be lost); pass the plain base model instead.")
-            tensors = {n: t.detach().clone() for n, t in _adapter_tensors(model).items()}
+            tensors = {n: t.detach().clone() for n, t in adapter_tensors(model).items()}
             self._adapters["default"] = (model.lora_config, tensors)
             self.active = "default"
 
@@ -308,19 +330,21 @@ class AdapterBank:
         if name in self._adapters:
             raise LoRAError(f"An adapter named {name!r} already exists; delete it first.")
         if isinstance(source, nn.Module):
-            _require_lora(source)
-            config, tensors = source.lora_config, _adapter_tensors(source)
+            require_lora(source)
+            config, tensors = source.lora_config, adapter_tensors(source)
             digest = base_weights_digest(source, exclude=_trainable_names(source, config))
             _check_same_base(source.config.fingerprint(), source.config.to_dict(), digest, self.model, config,
                              f"Adapter {name!r}", allow_other_base or source is self.model, self._base_values)
         else:
             config, tensors, base = _read_adapter(source, self.model)
-        _check_tensors(tensors, _expected_shapes(self.model, config), f"Adapter {name!r}")
+        _check_tensors(tensors, expected_shapes(self.model, config), f"Adapter {name!r}")
         if not isinstance(source, nn.Module):
             _check_same_base(base["fingerprint"], base["saved_config"], base["digest"], self.model, config,
                              f"Adapter {source}", allow_other_base, self._base_values)
         _check_finite_outputs(self.model, config, tensors, f"Adapter {name!r}")
-        extra = [n for n in tensors if not n.endswith((".lora_A", ".lora_B")) and n not in self._base_values]
+        targets = target_linears(self.model, config.targets, config.r)
+        own = set(trainable_parameters(self.model, config.trainable, targets))  # `trainable` weights, not A/B
+        extra = [n for n in tensors if n in own and n not in self._base_values]
         if extra and source is self.model:
             raise LoRAError(f"The bank's own model trained {extra[:4]} in full, so their base values are lost; "
                             "train adapters with `trainable` modules on a copy of the base.")
@@ -333,7 +357,7 @@ class AdapterBank:
     def _detach(self) -> None:
         if any(l.merged for l in lora_layers(self.model).values()):
             raise LoRAError("The active adapter is merged; call unmerge_lora before switching adapters.")
-        _unwrap(self.model)
+        unload_lora(self.model)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for n, value in self._base_values.items():

@@ -1,4 +1,4 @@
-"""The `lora-lab` command: pretrain, sample, fine-tune, merge, sweep, and the guided `tour`.
+"""The `lora-lab` command: pretrain, sample, fine-tune, compare, merge, sweep, and the guided `tour`.
 
 This module parses arguments and prints; the work is done by the library (finetune, tour, adapters, ...).
 Every subcommand explains its options with --help. Exit codes:
@@ -30,10 +30,11 @@ from .checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from .data import CharTokenizer, DataUnavailableError
 from .files import OUTPUT_MARKER, CorruptFileError, folder_bytes, read_json
 from .finetune import (
-    DEFAULT_TARGETS, EVAL_ITERS, FINETUNE_DEFAULTS, DivergedError, check_lora_config,
-    check_sweep_output, finetune, finetune_config, format_table, loss_rows, rank_sweep,
+    DEFAULT_RANK, DEFAULT_TARGETS, DEFAULT_TASK, FINETUNE_DEFAULTS, DivergedError, check_lora_config,
+    check_sweep_output, default_lora_config, finetune, finetune_config, loss_rows, rank_sweep,
 )
-from .lora import LoRAConfig, merge_and_unload
+from .protocol import EVAL_CHARS, STEPS, check_compare_output, format_table, lora_vs_full, write_comparison
+from .lora import VARIANTS, LoRAConfig, merge_and_unload
 from .outputs import check_adapter_target, check_checkpoint_target
 from .pretrained import PRESETS, Pretrained, pretrained_base
 from .sampling import sample_text
@@ -76,6 +77,17 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
+
+
+def _option_type(default):
+    """The argument type of a variant option: that of its default (an int option takes no 0.5)."""
+    if isinstance(default, bool):
+        def boolean(text: str) -> bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+            return text.lower() in ("true", "1")
+        return boolean
+    return type(default)
 
 
 def _rank_list(text: str) -> list[int]:
@@ -144,21 +156,36 @@ def _common_options() -> argparse.ArgumentParser:
     return p
 
 
-def _finetune_options(default_task: str = "romeo_juliet", sweep: bool = False) -> argparse.ArgumentParser:
+def _finetune_options(default_task: str = DEFAULT_TASK, sweep: bool = False) -> argparse.ArgumentParser:
     lora, full = FINETUNE_DEFAULTS["lora"], FINETUNE_DEFAULTS["full"]
     p = _Parser(add_help=False)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--task", choices=sorted(tasks.TASKS), default=default_task,
-                   help="romeo_juliet: Romeo and Juliet's speeches, held out of pretraining; shout: the "
-                        f"pretraining text in upper case (default: {default_task})")
+                   help="rot13: the pretraining text in ROT13 (a new alphabet, scored by loss and next-character "
+                        "accuracy); shout: the pretraining text in upper case; romeo_juliet: Romeo and Juliet's "
+                        f"speeches, held out of pretraining (barely new to the base) (default: {default_task})")
     if not sweep:
-        g.add_argument("--rank", "-r", type=_positive_int, default=8, help="LoRA rank r (default: 8)")
+        g.add_argument("--rank", "-r", type=_positive_int, default=DEFAULT_RANK,
+                       help=f"LoRA rank r (default: {DEFAULT_RANK})")
     g.add_argument("--alpha", type=_positive_float,
-                   help="LoRA alpha; the update is scaled by alpha / r (default: "
-                        + (f"{LoRAConfig.alpha:g} for every rank)" if sweep else "2 * rank)"))
+                   help="LoRA alpha; the update is scaled by alpha / r (default: 2 * rank, for every rank)")
     g.add_argument("--targets", type=_name_list, default=DEFAULT_TARGETS, metavar="NAMES",
                    help="comma-separated module patterns that get LoRA, e.g. q_proj,v_proj or '*.mlp.*' "
                         f"(default: {','.join(DEFAULT_TARGETS)})")
+    g.add_argument("--variant", choices=list(VARIANTS), default="lora",
+                   help="LoRA variant: lora, rslora (alpha/sqrt(r)), dora (magnitude + direction), pissa (SVD init), "
+                        "vera (shared frozen pair, trained vectors), lora_fa (A frozen) (default: lora)")
+    # Each variant's own hyperparameters become options (--vera-seed, ...), read from the registry.
+    added = set()
+    for cls in VARIANTS.values():
+        for name, default in cls.options.items():
+            if name not in added:
+                added.add(name)
+                g.add_argument(f"--{name.replace('_', '-')}", dest=f"variant_{name}", metavar="VALUE",
+                               type=_option_type(default),
+                               help=f"{cls.variant} option {name} (default: {default!r})")
+    g.add_argument("--lora-plus", type=_positive_float, nargs="?", const=16.0, metavar="RATIO",
+                   help="LoRA+: train B at RATIO x the learning rate of A (default when given: 16)")
     g.add_argument("--steps", type=_positive_int, default=lora.max_iters,
                    help=f"fine-tuning steps (default: {lora.max_iters})")
     g.add_argument("--lr", type=_positive_float,
@@ -167,9 +194,9 @@ def _finetune_options(default_task: str = "romeo_juliet", sweep: bool = False) -
     g.add_argument("--batch-size", type=_positive_int, default=lora.batch_size,
                    help=f"sequences per step (default: {lora.batch_size})")
     g.add_argument("--seed", type=int, default=lora.seed, help=f"training seed (default: {lora.seed})")
-    g.add_argument("--eval-iters", type=_positive_int, default=EVAL_ITERS,
-                   help=f"fixed validation batches per final loss measurement (default: {EVAL_ITERS}); the "
-                        f"loss curve's points use at most {FINETUNE_DEFAULTS['lora'].eval_iters}")
+    g.add_argument("--eval-chars", type=_positive_int, default=EVAL_CHARS,
+                   help=f"validation characters scored exactly, for the loss curve and the table alike "
+                        f"(default: {EVAL_CHARS})")
     return p
 
 
@@ -219,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "wrote before (default: runs/<task>-lora-r<rank> or runs/<task>-full)")
     p.set_defaults(run=cmd_finetune)
 
+    p = sub.add_parser("compare", parents=[common], help="base vs LoRA vs full fine-tuning, 3 seeds (the protocol)",
+                       description="The fair comparison (lora_lab.protocol): base, LoRA (alpha = 2 r) and full "
+                                   "fine-tuning, each at its chosen learning rate (or --sweep: each method's "
+                                   "grid), 3 seeds, mean ± std and a noise line. Runs are cached.")
+    p.add_argument("--task", choices=sorted(tasks.TASKS), default=DEFAULT_TASK,
+                   help=f"the task (default: {DEFAULT_TASK})")
+    p.add_argument("--rank", "-r", type=_positive_int, default=DEFAULT_RANK, help=f"LoRA rank (default: {DEFAULT_RANK})")
+    p.add_argument("--sweep", action="store_true", help="sweep each method's learning-rate grid first (14 runs, not 6)")
+    p.add_argument("--steps", type=_positive_int, default=STEPS, help=f"fine-tuning steps (default: {STEPS})")
+    p.add_argument("--out", type=_out_path, default=_out_path("runs/compare"), metavar="DIR",
+                   help="output folder: new, empty, or an earlier comparison's (default: runs/compare)")
+    p.set_defaults(run=cmd_compare)
+
     p = sub.add_parser("merge", parents=[common], help="merge an adapter into a full checkpoint",
                        description="Fold a LoRA adapter into its base's weights (W + alpha/r * B A) and save a "
                                    "plain GPT checkpoint that needs no LoRA code to run.")
@@ -239,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for sweep.csv and sweep.png: new, empty, or an earlier sweep's (default: runs/sweep)")
     p.set_defaults(run=cmd_sweep)
 
-    p = sub.add_parser("tour", parents=[common, _finetune_options(default_task="shout")],
+    p = sub.add_parser("tour", parents=[common, _finetune_options()],
                        help="the whole story in a few minutes: pretrain, LoRA, merge, report",
                        description="Pretrain (or load) the base GPT, fine-tune it with LoRA (and fully, to "
                                    "compare), merge the adapter, and report parameters, losses, file sizes and "
@@ -287,9 +327,11 @@ def _describe_base(base: Pretrained) -> str:
 
 
 def _train_config(args, full: bool):
-    default = FINETUNE_DEFAULTS["full" if full else "lora"]
-    overrides = dict(max_iters=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                     eval_iters=min(default.eval_iters, args.eval_iters))  # the loss curve's points
+    overrides = dict(max_iters=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device)
+    if args.lora_plus is not None and getattr(args, "full", False):
+        raise UsageError(f"{PROG}: error: --lora-plus speeds up LoRA's B matrices; it does not apply to --full.")
+    if args.lora_plus is not None and not full:
+        overrides["lora_plus_ratio"] = args.lora_plus
     if args.lr is not None:
         overrides["learning_rate"] = args.lr
         overrides["min_lr"] = args.lr / 10
@@ -298,8 +340,9 @@ def _train_config(args, full: bool):
 
 def _lora_config(args, rank: int | None = None) -> LoRAConfig:
     rank = rank or args.rank
-    alpha = args.alpha if args.alpha is not None else 2.0 * rank
-    config = LoRAConfig(r=rank, alpha=alpha, targets=tuple(args.targets))
+    options = {k[len("variant_"):]: v for k, v in vars(args).items() if k.startswith("variant_") and v is not None}
+    config = replace(default_lora_config(rank, tuple(args.targets), args.alpha), variant=args.variant,
+                     options=options)  # replace() validates: an option the variant lacks is refused here
     check_lora_config(config, PRESETS[args.preset][0])  # a bad target or rank fails now, not after pretraining
     return config
 
@@ -403,11 +446,12 @@ def cmd_finetune(args) -> int:
     out = args.out or Path("runs") / (f"{args.task}-full" if args.full else f"{args.task}-lora-r{args.rank}")
     _checked_out(check_checkpoint_target if args.full else check_adapter_target, out)
     lora = None if args.full else _lora_config(args)  # validates before the base is loaded
+    train_config = _train_config(args, args.full)
     base = _load_base(args)
     _say(_describe_base(base))
     task = tasks.make_task(args.task, base.texts)
-    res = finetune(base.model, task, base.dataset.tokenizer, lora, _train_config(args, args.full),
-                   progress=not args.quiet, eval_iters=args.eval_iters)
+    res = finetune(base.model, task, base.dataset.tokenizer, lora, train_config,
+                   progress=not args.quiet, eval_chars=args.eval_chars)
     _say(format_table(loss_rows([res], base.model.num_parameters())))
     res.require_finite()  # a diverged run saves nothing and exits 1
     record = {"base": _base_record(args, base), "task": task.name}
@@ -417,6 +461,19 @@ def cmd_finetune(args) -> int:
         save_adapter(res.model, out, metadata=record)
     what = "checkpoint" if args.full else "adapter"
     _say(f"saved the {what} to {out} ({folder_bytes(out):,} bytes)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    with _claimed(args.out, check_compare_output) as out:
+        base = _load_base(args)
+        _say(_describe_base(base))
+        task = tasks.make_task(args.task, base.texts)
+        comp = lora_vs_full(base.model, task, base.dataset.tokenizer, r=args.rank, sweep=args.sweep, steps=args.steps,
+                            cache=args.cache, device=args.device, log=None if args.quiet else _say)
+        files = write_comparison(comp, out)
+    _say(comp.to_text())
+    _say(f"wrote {files['md']}, {files['json']} and {files['png']}")
     return 0
 
 
@@ -434,16 +491,16 @@ def cmd_merge(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    alpha = args.alpha if args.alpha is not None else LoRAConfig.alpha
+    alpha = args.alpha  # None: 2 r for each rank, as everywhere
     for r in args.ranks:  # validate every config before the base is loaded or trained
-        check_lora_config(LoRAConfig(r=r, alpha=alpha, targets=tuple(args.targets)), PRESETS[args.preset][0])
+        check_lora_config(default_lora_config(r, tuple(args.targets), alpha), PRESETS[args.preset][0])
     with _claimed(args.out, check_sweep_output) as out:
         base = _load_base(args)
         _say(_describe_base(base))
         task = tasks.make_task(args.task, base.texts)
         sweep = rank_sweep(base.model, task, base.dataset.tokenizer, args.ranks, args.targets, alpha,
                            _train_config(args, full=False), out, progress=not args.quiet,
-                           eval_iters=args.eval_iters)
+                           eval_chars=args.eval_chars)
     _say(sweep.to_text())
     _say(f"wrote {sweep.files['csv']} and {sweep.files['png']}")
     return 0
@@ -456,7 +513,7 @@ def cmd_tour(args) -> int:
         base = _load_base(args)
         _say(_describe_base(base))
         report = run_tour(base, args.task, lora, _train_config(args, full=False), _train_config(args, full=True),
-                          out, compare_full=not args.no_full, eval_iters=args.eval_iters, progress=not args.quiet,
+                          out, compare_full=not args.no_full, eval_chars=args.eval_chars, progress=not args.quiet,
                           metadata={"base": _base_record(args, base), "task": args.task}, log=_say)
     _say(f"\n== 5. Report (also in {out / 'report.md'} and report.json)\n")
     _say(report.to_text())

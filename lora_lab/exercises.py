@@ -7,6 +7,10 @@ checker never raises because of the learner's code; an exception becomes a faile
     report = check_factorize(my_factorize)
     print(report)          # one line per check, marked OK or FAIL, with what was expected
     assert report.ok
+
+In the chapters each exercise starts as a stub that raises NotImplementedError; its report then says
+"not answered yet" (`report.unanswered`) instead of listing failures. The worked solutions live in
+notebooks/solutions.ipynb, which runs every checker on them.
 """
 from __future__ import annotations
 
@@ -21,19 +25,25 @@ import torch
 import torch.nn as nn
 
 from .adapters import save_adapter
-from .lora import LoRAConfig, LoRALinear, apply_lora
+from .lora import LoRAConfig, LoRALinear, apply_lora, lora_layers, merge_lora
 from .model import GPT, GPTConfig
-from .widgets import SettingResult, eckart_young_error, transformer_lora_params
+from .widgets import SettingResult, eckart_young_error, synthetic_image, transformer_lora_params
 
 
 @dataclass
 class CheckReport:
     title: str
     results: list[tuple[bool, str]] = field(default_factory=list)
+    not_implemented: int = 0  # failed checks whose cause was the stub's NotImplementedError
 
     @property
     def ok(self) -> bool:
         return bool(self.results) and all(passed for passed, _ in self.results)
+
+    @property
+    def unanswered(self) -> bool:
+        """True while the learner's function is still the stub: every check failed with NotImplementedError."""
+        return bool(self.results) and self.not_implemented == len(self.results)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -50,6 +60,9 @@ class CheckReport:
         return bool(passed)
 
     def __str__(self) -> str:
+        if self.unanswered:
+            return (f"{self.title}: not answered yet. Replace `raise NotImplementedError` with your code and "
+                    f"re-run the cell (a worked solution is in notebooks/solutions.ipynb).")
         failed = sum(not passed for passed, _ in self.results)
         head = (
             f"{self.title}: all {len(self.results)} checks passed."
@@ -69,6 +82,10 @@ def _call(report: CheckReport, what: str, fn, *args):
         return False, None
     try:
         return True, fn(*args)
+    except NotImplementedError:  # the chapter's stub, not yet replaced by an answer
+        report.check(False, f"{what}: not answered yet (the function raises NotImplementedError)")
+        report.not_implemented += 1
+        return False, None
     except Exception as err:  # the learner's code may raise anything
         where = traceback.extract_tb(err.__traceback__)[-1]
         report.check(False, f"{what} raised {type(err).__name__}: {err} (line {where.lineno})")
@@ -123,6 +140,38 @@ def check_rank_for_energy(rank_for_energy) -> CheckReport:
     return report
 
 
+def check_smallest_rank_below(smallest_rank_below) -> CheckReport:
+    """smallest_rank_below(W, max_relative_error) -> the smallest r whose truncated SVD W_r has a *measured*
+    relative error ||W - W_r||_F / ||W||_F strictly below max_relative_error."""
+    report = CheckReport("smallest_rank_below(W, max_relative_error)")
+    gen = torch.Generator().manual_seed(2)
+    low_rank = torch.randn(30, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 20, generator=gen, dtype=torch.float64)
+    cases = [
+        ("a 32x32 picture", _picture(32), 0.05),
+        ("a 32x32 picture", _picture(32), 0.01),
+        ("32x32 noise", torch.randn(32, 32, generator=gen, dtype=torch.float64), 0.05),
+        ("a rank-3 30x20 matrix + small noise", low_rank + 1e-3 * torch.randn(30, 20, generator=gen, dtype=torch.float64), 0.01),
+    ]
+    for name, W, limit in cases:
+        S = torch.linalg.svdvals(W)
+        norm = float(torch.linalg.matrix_norm(W))
+        expected = next(r for r in range(len(S) + 1) if eckart_young_error(S, r) / norm < limit)
+        case = f"{name}, below {limit:.0%}"
+        ok, got = _call(report, case, smallest_rank_below, W.clone(), limit)
+        if ok:
+            hint = ""
+            if got == expected + 1:
+                hint = " (one too many: is your comparison strict, and do you start at r = 0?)"
+            elif isinstance(got, int) and got < expected:
+                hint = " (the error at that rank is still too large: measure ||W - W_r|| / ||W||, not sigma_r)"
+            report.check(got == expected, f"{case}: r={expected}", f"{case}: got {got!r}, expected r={expected}{hint}")
+    return report
+
+
+def _picture(n: int) -> torch.Tensor:
+    return synthetic_image(n).double()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Chapter 2
 
@@ -149,6 +198,35 @@ def check_gpt_lora_params(gpt_lora_params) -> CheckReport:
             mlp = {"up_proj", "down_proj"} & set(targets)
             hint = " (the MLP matrices are 4*d_model by d_model)" if mlp and got != expected else ""
             report.check(got == expected, f"{case}: {expected:,}", f"{case}: got {got!r}, expected {expected:,}{hint}")
+    return report
+
+
+def check_trainable_share(trainable_share) -> CheckReport:
+    """trainable_share(model) -> trainable parameters / ALL parameters of the model (frozen + trainable),
+    counted from the model itself (each tensor once: the tied embedding is one tensor)."""
+    report = CheckReport("trainable_share(model)")
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    cases = [("LoRA r=2 on q_proj, v_proj", LoRAConfig(r=2, targets=("q_proj", "v_proj"))),
+             ("LoRA r=4 on up_proj, down_proj", LoRAConfig(r=4, targets=("up_proj", "down_proj"))),
+             ("full fine-tuning (nothing frozen)", None)]
+    for name, lora in cases:
+        with torch.random.fork_rng():
+            model = GPT(config) if lora is None else apply_lora(GPT(config), lora)
+        params = list(model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        expected = trainable / total
+        ok, got = _call(report, name, trainable_share, model)
+        if not ok:
+            continue
+        hint = ""
+        if total > trainable and isinstance(got, (int, float)) and math.isclose(got, trainable / (total - trainable), rel_tol=1e-9):
+            hint = " (that divides by the frozen base only; divide by every parameter of the adapted model)"
+        elif isinstance(got, (int, float)) and math.isclose(got, 100 * expected, rel_tol=1e-9):
+            hint = " (return a fraction, not a percentage)"
+        report.check(isinstance(got, (int, float)) and math.isclose(got, expected, rel_tol=1e-9),
+                     f"{name}: {trainable:,} / {total:,} = {expected:.2%}",
+                     f"{name}: got {got!r}, expected {trainable:,} / {total:,} = {expected:.6f}{hint}")
     return report
 
 
@@ -205,6 +283,40 @@ def check_count_parameters(count_parameters) -> CheckReport:
             elif abs(got - expected) == config.block_size * config.n_embd:
                 hint = " (only positions='learned' has a position table, block_size x n_embd; rotary has none)"
             report.check(got == expected, f"{case}: {expected:,}", f"{case}: got {got!r}, expected {expected:,}{hint}")
+    return report
+
+
+def _reference_whole_text_loss(model: GPT, tokens: torch.Tensor) -> float:
+    block = model.config.block_size
+    n = (len(tokens) - 1) // block  # windows of block inputs, each with its block next-character targets
+    x = tokens[: n * block].view(n, block)
+    y = tokens[1 : n * block + 1].view(n, block)
+    with torch.no_grad():
+        logits, _ = model.eval()(x)
+    return float(nn.functional.cross_entropy(logits.double().reshape(-1, logits.size(-1)), y.reshape(-1)))
+
+
+def check_whole_text_loss(whole_text_loss) -> CheckReport:
+    """whole_text_loss(model, tokens) -> the mean cross-entropy (nats per character) over the whole 1-D token
+    tensor, cut into consecutive non-overlapping windows of block_size inputs (window i predicts tokens
+    i*block_size+1 ... (i+1)*block_size; a tail too short for a full window is dropped), in eval mode."""
+    report = CheckReport("whole_text_loss(model, tokens)")
+    gen = torch.Generator().manual_seed(3)
+    for layers, length in ((1, 65), (2, 100), (2, 33)):
+        config = GPTConfig(vocab_size=13, block_size=8, n_layer=layers, n_head=2, n_embd=16, dropout=0.2)
+        with torch.random.fork_rng():
+            torch.manual_seed(layers)
+            model = GPT(config)
+        tokens = torch.randint(0, 13, (length,), generator=gen)
+        case = f"{layers} layer(s), {length} tokens, block_size 8"
+        expected = _reference_whole_text_loss(copy.deepcopy(model), tokens)
+        model.train()  # as a learner's model may be: dropout must be off while measuring
+        with torch.random.fork_rng():
+            ok, got = _call(report, case, whole_text_loss, model, tokens.clone())
+        if ok:
+            report.check(isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected, rel_tol=1e-4),
+                         f"{case}: {expected:.4f} nats",
+                         f"{case}: got {got!r}, expected {expected:.4f} nats (eval mode? every full window, no overlap?)")
     return report
 
 
@@ -320,6 +432,41 @@ def check_merged_weight(merged_weight) -> CheckReport:
     return report
 
 
+def check_fit_lora(fit_lora) -> CheckReport:
+    """fit_lora(base, target, r, steps) -> a lora_lab.LoRALinear around `base`, trained (only A and B) for
+    `steps` optimizer steps so that it computes what the nn.Linear `target` computes on random inputs.
+
+    The target differs from the base by a rank-r change, so LoRA can match it: the check measures how close
+    the learned update (alpha/r) B A comes to target.weight - base.weight, and that `base` was not changed."""
+    report = CheckReport("fit_lora(base, target, r, steps)")
+    gen = torch.Generator().manual_seed(4)
+    for d, k, r in ((12, 16, 2), (20, 10, 1)):
+        base = nn.Linear(k, d, bias=False)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(d, k, generator=gen) / math.sqrt(k))
+        change = torch.randn(d, r, generator=gen) @ torch.randn(r, k, generator=gen) / math.sqrt(k)
+        target = nn.Linear(k, d, bias=False)
+        with torch.no_grad():
+            target.weight.copy_(base.weight + change)
+        before = base.weight.detach().clone()
+        case = f"{d}x{k}, a rank-{r} change"
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            ok, layer = _call(report, case, fit_lora, base, target, r, 400)
+        if not ok:
+            continue
+        if not report.require(isinstance(layer, LoRALinear), f"{case}: return the trained lora_lab.LoRALinear, got {type(layer).__name__}"):
+            continue
+        report.check(torch.equal(layer.base.weight, before) and not layer.base.weight.requires_grad,
+                     f"{case}: the base weight is frozen and unchanged",
+                     f"{case}: the base weight changed or is trainable; LoRA trains only A and B")
+        learned = layer.scale * (layer.lora_B @ layer.lora_A).detach()
+        relative = float(torch.linalg.matrix_norm(learned - change) / torch.linalg.matrix_norm(change))
+        report.check(relative < 0.05, f"{case}: the learned (alpha/r) B A is within 5% of the change",
+                     f"{case}: the learned (alpha/r) B A is {relative:.0%} off the change (train longer, or a larger learning rate?)")
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------
 # Chapter 5
 
@@ -339,6 +486,31 @@ def check_training_bytes(training_bytes) -> CheckReport:
         elif got == 4 * (n_frozen + n_trainable) + 8 * n_trainable:
             hint = " (each trainable weight also has a gradient)"
         report.check(got == expected, f"{case}: {expected:,} bytes", f"{case}: got {got!r}, expected {expected:,}{hint}")
+    return report
+
+
+def check_gradient_bytes(gradient_bytes) -> CheckReport:
+    """gradient_bytes(model, x, y) -> run one forward and backward pass of the model's loss on (x, y) and return
+    the bytes of every .grad that exists afterwards (numel * element_size), each parameter once."""
+    report = CheckReport("gradient_bytes(model, x, y)")
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 11, (3, 8), generator=gen)
+    y = torch.randint(0, 11, (3, 8), generator=gen)
+    for name, lora in (("full fine-tuning", None), ("LoRA r=2 on q_proj, v_proj", LoRAConfig(r=2, targets=("q_proj", "v_proj")))):
+        with torch.random.fork_rng():
+            model = GPT(config) if lora is None else apply_lora(GPT(config), lora)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        expected = sum(p.numel() * p.element_size() for p in trainable)
+        everything = sum(p.numel() * p.element_size() for p in model.parameters())
+        ok, got = _call(report, name, gradient_bytes, model, x.clone(), y.clone())
+        if not ok:
+            continue
+        counted = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        hint = " (frozen weights get no .grad)" if got == everything != expected else ""
+        report.check(got == expected == counted, f"{name}: {expected:,} bytes of gradients, measured after backward",
+                     f"{name}: got {got!r}; after backward the .grads hold {counted:,} bytes "
+                     f"(expected {expected:,}){hint}")
     return report
 
 
@@ -376,6 +548,40 @@ def check_adapter_payload(adapter_payload) -> CheckReport:
     return report
 
 
+def check_merge_difference(merge_difference) -> CheckReport:
+    """merge_difference(model, x) -> the largest |logit| difference between the merged and the unmerged model
+    on token ids x, measured, leaving the model unmerged and with exactly its weights as before."""
+    report = CheckReport("merge_difference(model, x)")
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 11, (4, 8), generator=gen)
+    for r in (2, 8):
+        with torch.random.fork_rng():
+            torch.manual_seed(r)
+            model = apply_lora(GPT(config), LoRAConfig(r=r, alpha=2 * r, targets=("q_proj", "v_proj", "up_proj")))
+            for layer in model.modules():
+                if isinstance(layer, LoRALinear):
+                    nn.init.normal_(layer.lora_B, std=0.5)  # as after training: a non-zero update to merge
+        reference = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            unmerged = reference(x)[0]
+            merge_lora(reference)
+            expected = float((reference(x)[0] - unmerged).abs().max())
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        case = f"r={r}"
+        ok, got = _call(report, case, merge_difference, model, x.clone())
+        if not ok:
+            continue
+        report.check(isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected, rel_tol=1e-6, abs_tol=1e-12),
+                     f"{case}: the measured max |merged - unmerged| (float rounding, not a bug)",
+                     f"{case}: got {got!r}, measured {expected:.3e} (merge_lora, then compare the logits)")
+        left_alone = not any(l.merged for l in lora_layers(model).values()) and all(
+            torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        report.check(left_alone, f"{case}: the model is left unmerged, with its weights as before",
+                     f"{case}: the model was left merged or its weights changed: unmerge_lora after measuring")
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------
 # Chapter 7
 
@@ -396,4 +602,28 @@ def check_best_setting(best_setting) -> CheckReport:
             want = "None" if expected is None else expected.label
             report.check(got == expected, f"budget {budget:,} bytes: {want}",
                          f"budget {budget:,} bytes: got {getattr(got, 'label', got)!r}, expected {want}")
+    return report
+
+
+def check_update_norm(update_norm) -> CheckReport:
+    """update_norm(layer) -> ||(alpha/r) B A||_F, the Frobenius norm of the update a lora_lab.LoRALinear adds
+    to its weight (what merging would add)."""
+    report = CheckReport("update_norm(layer)")
+    gen = torch.Generator().manual_seed(7)
+    for r, alpha in ((1, 16.0), (4, 16.0), (8, 4.0)):
+        with torch.random.fork_rng():  # the same layers every run, and the learner's random state untouched
+            torch.manual_seed(r)
+            layer = LoRALinear(nn.Linear(24, 16), r=r, alpha=alpha)
+        with torch.no_grad():
+            layer.lora_B.copy_(torch.randn(16, r, generator=gen))
+        expected = float(torch.linalg.matrix_norm(layer.scale * layer.lora_B.detach() @ layer.lora_A.detach()))
+        case = f"r={r}, alpha={alpha:g}"
+        ok, got = _call(report, case, update_norm, layer)
+        if not ok:
+            continue
+        hint = ""
+        if isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected / layer.scale, rel_tol=1e-5):
+            hint = " (the update is scaled by alpha / r)"
+        report.check(isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected, rel_tol=1e-5),
+                     f"{case}: ||dW||_F = {expected:.4f}", f"{case}: got {got!r}, expected {expected:.4f}{hint}")
     return report

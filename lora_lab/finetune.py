@@ -1,13 +1,16 @@
 """Fine-tune the pretrained base on a task, with LoRA or fully, and measure what it gained and forgot.
 
 Every fine-tune starts from a deep copy of the base, so the base is never changed. Two numbers tell
-the story, both measured on the same fixed, seeded validation batches for the base and for the
-fine-tuned model:
+the story, both measured with the protocol's one estimator (`protocol.task_scores`: the exact loss of
+the first protocol.EVAL_CHARS characters of each validation text), for the curve and for the table alike:
 - target loss: validation loss on the task's own text (lower = adapted),
 - source loss: validation loss on the pretraining domain (higher than the base's = forgetting).
+The curve's step-0 point is the base itself, and its last point is the final loss.
 
-`compare_methods` puts base, LoRA and full fine-tuning side by side; `rank_sweep` fine-tunes once per
-LoRA rank and writes a CSV table and a PNG plot.
+`compare_methods` puts base, LoRA and full fine-tuning side by side for one seed; `protocol.compare` is the
+fair version (a learning-rate sweep per method, 3 seeds, a noise line). `rank_sweep` fine-tunes once per
+LoRA rank and writes a CSV table and a PNG plot. The defaults (FINETUNE_DEFAULTS) are the protocol's
+choice, recorded in benchmarks/RESULTS_protocol.md; alpha is 2 r everywhere (protocol.default_alpha).
 """
 from __future__ import annotations
 
@@ -28,43 +31,45 @@ from .files import claim_output_dir, folder_bytes, write_file_atomic
 from .adapters import save_adapter
 from .lora import LoRAConfig, LoRAError, apply_lora, select_targets, set_lora_enabled
 from .model import GPT, GPTConfig
+from .protocol import (
+    CURVE_POINTS, EVAL_CHARS, FULL_LEARNING_RATE, LORA_LEARNING_RATE, STEPS, default_alpha, format_table,
+    new_figure, protocol_train_config, save_figure, task_scores, train_with_curve,
+)
 from .tasks import Task
-from .train import TrainConfig, TrainResult, estimate_loss, pick_device, train
+from .train import TrainConfig, TrainResult, pick_device
 
-# Fine-tuning defaults, chosen for the "tiny" preset on a laptop CPU (~10-20 s each on 2 cores).
-# LoRA trains few, freshly initialised parameters and can take a larger step; full fine-tuning moves
-# every pretrained weight and needs a smaller one not to wreck what the base knows.
-FINETUNE_DEFAULTS: dict[str, TrainConfig] = {
-    "lora": TrainConfig(
-        max_iters=300, batch_size=12, learning_rate=2e-3, min_lr=2e-4, warmup_iters=30, weight_decay=0.0,
-        eval_interval=25, eval_iters=6,
-    ),
-    "full": TrainConfig(
-        max_iters=300, batch_size=12, learning_rate=3e-4, min_lr=3e-5, warmup_iters=30, weight_decay=0.1,
-        eval_interval=25, eval_iters=6,
-    ),
-}
+# Fine-tuning defaults: the learning rates protocol.compare chose on the default task (rot13) for LoRA
+# r=8, alpha=16 on DEFAULT_TARGETS and for full fine-tuning, STEPS steps (benchmarks/RESULTS_protocol.md).
+# Seed 0 is the protocol's first seed, so the default fine-tune is one of the protocol's runs.
+DEFAULT_TASK = "rot13"
+DEFAULT_RANK = 8
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-# The fixed batches every model of a comparison is measured on.
-EVAL_BATCH_SIZE = 32
-EVAL_ITERS = 25
-EVAL_SEED = 4321
+FINETUNE_DEFAULTS: dict[str, TrainConfig] = {
+    "lora": protocol_train_config(False, LORA_LEARNING_RATE, seed=0, steps=STEPS, device="auto"),
+    "full": protocol_train_config(True, FULL_LEARNING_RATE, seed=0, steps=STEPS, device="auto"),
+}
 SWEEP_OUTPUT_FORMAT = "lora_lab.sweep.v1"  # the tag of a folder rank_sweep writes sweep.csv and sweep.png into
 
 
 def finetune_config(full: bool = False, **overrides) -> TrainConfig:
     """The default fine-tuning TrainConfig (LoRA or full), with fields overridden by keyword.
 
-    Changing max_iters alone also rescales the warmup (10% of the steps at most) and the evaluation
-    interval (12 evaluations per run), so a short run still warms up and draws a loss curve.
+    Changing max_iters alone also rescales the warmup (10% of the steps at most); changing learning_rate
+    alone also sets min_lr to a tenth of it, as the protocol's schedule does.
     """
     base = FINETUNE_DEFAULTS["full" if full else "lora"]
     steps = overrides.get("max_iters", base.max_iters)
     if isinstance(steps, int) and steps > 0:
         overrides.setdefault("warmup_iters", min(base.warmup_iters, steps // 10))
-        overrides.setdefault("eval_interval", max(1, steps // 12))
+    lr = overrides.get("learning_rate")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0:
+        overrides.setdefault("min_lr", lr / 10)
     return replace(base, **overrides)
+
+
+def default_lora_config(r: int = DEFAULT_RANK, targets=DEFAULT_TARGETS, alpha: float | None = None) -> LoRAConfig:
+    """The LoRAConfig lora_lab uses when none is given: alpha = 2 r (protocol.default_alpha) on DEFAULT_TARGETS."""
+    return LoRAConfig(r=r, alpha=default_alpha(r) if alpha is None else alpha, targets=tuple(targets))
 
 
 def check_lora_config(config: LoRAConfig, model_config: GPTConfig) -> list[str]:
@@ -89,17 +94,11 @@ def encode_task(task: Task, tokenizer: CharTokenizer) -> dict[str, torch.Tensor]
     }
 
 
-def task_losses(
-    model: torch.nn.Module,
-    data: dict[str, torch.Tensor],
-    batch_size: int = EVAL_BATCH_SIZE,
-    eval_iters: int = EVAL_ITERS,
-    seed: int = EVAL_SEED,
-    device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """{"target", "source"} validation losses on fixed seeded batches (the same for every model)."""
-    splits = {"target": data["target"], "source": data["source"]}
-    return estimate_loss(model, splits, batch_size, eval_iters, seed, device)
+def task_losses(model: torch.nn.Module, data: dict[str, torch.Tensor], eval_chars: int | None = EVAL_CHARS,
+                device: torch.device | str = "cpu") -> dict[str, float]:
+    """{"target", "source"} validation losses by the protocol's estimator (exact, on fixed text)."""
+    scores = task_scores(model, data, eval_chars, device)
+    return {"target": scores["target"], "source": scores["source"]}
 
 
 class DivergedError(RuntimeError):
@@ -118,10 +117,18 @@ class FinetuneResult:
     base_losses: dict[str, float]  # the base model on the same batches
     trainable_params: int
     total_params: int  # of the fine-tuned model (base + adapter for LoRA)
+    curve: list[dict] = field(default_factory=list)  # [{"step", "target", "target_accuracy", "source"}]
+
+    @property
+    def target_accuracy(self) -> float | None:
+        """Next-character accuracy on the target validation text after fine-tuning (the curve's last point)."""
+        return self.curve[-1]["target_accuracy"] if self.curve else None
 
     @property
     def label(self) -> str:
-        return f"LoRA r={self.lora.r}" if self.lora is not None else "full FT"
+        if self.lora is None:
+            return "full FT"
+        return f"LoRA r={self.lora.r}" if self.lora.variant == "lora" else f"{self.lora.variant} r={self.lora.r}"
 
     @property
     def diverged(self) -> bool:
@@ -152,6 +159,10 @@ class FinetuneResult:
             "source_loss": self.losses["source"],
             "base_target_loss": self.base_losses["target"],
             "base_source_loss": self.base_losses["source"],
+            "target_accuracy": self.target_accuracy,
+            "base_target_accuracy": self.curve[0]["target_accuracy"] if self.curve else None,
+            "learning_rate": self.train_config.learning_rate,
+            "seed": self.train_config.seed,
             "train_seconds": self.history.seconds,
         }
 
@@ -160,20 +171,21 @@ def finetune(
     base_model: GPT,
     task: Task,
     tokenizer: CharTokenizer,
-    lora: LoRAConfig | None = LoRAConfig(),
+    lora: LoRAConfig | None = default_lora_config(),
     train_config: TrainConfig | None = None,
     progress: bool = True,
     *,
-    eval_batch_size: int = EVAL_BATCH_SIZE,
-    eval_iters: int = EVAL_ITERS,
-    eval_seed: int = EVAL_SEED,
+    eval_chars: int | None = EVAL_CHARS,
+    curve_points: int = CURVE_POINTS,
     base_losses: dict[str, float] | None = None,
     desc: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of `base_model` on `task.train`: LoRA with `lora`, or every weight if lora is None.
 
-    train_config defaults to `finetune_config(full=lora is None)`. base_losses, when given, are the
-    base's losses on the same evaluation batches (saves re-measuring them in a sweep).
+    train_config defaults to `finetune_config(full=lora is None)`. The curve is measured at curve_points
+    evenly spaced steps with protocol.task_scores on the first eval_chars characters (None: all); its
+    step-0 point is the base. base_losses is accepted for older callers and not used: the base is always
+    the curve's own step-0 point, measured by the same estimator.
     """
     if not isinstance(base_model, GPT):
         raise TypeError(f"base_model must be a lora_lab GPT, got {type(base_model).__name__}.")
@@ -185,9 +197,10 @@ def finetune(
         raise LoRAError(f"lora must be a LoRAConfig (or None for full fine-tuning), got {type(lora).__name__}.")
     if train_config is not None and not isinstance(train_config, TrainConfig):
         raise TypeError(f"train_config must be a TrainConfig (see finetune_config), got {type(train_config).__name__}.")
-    for name, value in (("eval_batch_size", eval_batch_size), ("eval_iters", eval_iters)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if eval_chars is not None and (isinstance(eval_chars, bool) or not isinstance(eval_chars, int) or eval_chars <= 0):
+        raise ValueError(f"eval_chars must be a positive integer (or None for the whole text), got {eval_chars!r}.")
+    if isinstance(curve_points, bool) or not isinstance(curve_points, int) or curve_points < 2:
+        raise ValueError(f"curve_points must be an integer >= 2 (step 0 and the last step), got {curve_points!r}.")
     if tokenizer.vocab_size != base_model.config.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} characters but the model's vocab_size is "
@@ -202,7 +215,6 @@ def finetune(
     if short:  # batches are windows of block_size + 1 characters
         raise ValueError(f"Task {task.name!r}: text(s) {short} (characters) are too short for the model's "
                          f"block_size={block}; each needs more than {block} characters.")
-    measure = dict(batch_size=eval_batch_size, eval_iters=eval_iters, seed=eval_seed, device=device)
 
     model = copy.deepcopy(base_model).to(device)  # the base itself is never touched
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from the global RNG
@@ -211,16 +223,21 @@ def finetune(
             p.requires_grad_(True)
     else:
         apply_lora(model, lora)  # a bad target or rank fails here, before any measuring or training
-    if base_losses is None:
-        # The copy before training is the base: B = 0, and with LoRA switched off not even + 0 is added.
-        if not full:
-            set_lora_enabled(model, False)
-        base_losses = task_losses(model, data, **measure)
-        if not full:
-            set_lora_enabled(model, True)
+    base_scores = None
+    if not full and lora.variant != "lora":
+        # A variant's step 0 need not be the base bit for bit (PiSSA computes W x - s B0 A0 x + s B A x): score
+        # the base itself, with the adapters off, which for every variant is exactly the original weights.
+        set_lora_enabled(model, False)
+        base_scores = task_scores(model, data, eval_chars, device)
+        set_lora_enabled(model, True)
     trainable = model.num_parameters(trainable_only=True)
-    label = "full fine-tuning" if full else f"LoRA r={lora.r}"
-    history = train(model, data["train"], data["target"], cfg, progress, desc=desc or f"{label} on {task.name}")
+    label = "full fine-tuning" if full else f"{'LoRA' if lora.variant == 'lora' else lora.variant} r={lora.r}"
+    # Step 0 of the curve is the untrained copy, which computes exactly the base (B = 0 adds exact zeros).
+    trained = train_with_curve(model, data, cfg, eval_chars, curve_points, progress, desc or f"{label} on {task.name}")
+    curve = trained.curve
+    history = TrainResult(losses=trained.step_losses, seconds=trained.seconds,
+                          tokens=cfg.max_iters * cfg.batch_size * base_model.config.block_size,
+                          evals=[{"iter": p["step"], "train": None, "val": p["target"], "lr": None} for p in curve])
     return FinetuneResult(
         model=model,
         task=task.name,
@@ -228,10 +245,11 @@ def finetune(
         lora=lora,
         train_config=cfg,
         history=history,
-        losses=task_losses(model, data, **measure),
-        base_losses=dict(base_losses),
+        losses={"target": curve[-1]["target"], "source": curve[-1]["source"]},
+        base_losses={k: (base_scores or curve[0])[k] for k in ("target", "source")},
         trainable_params=trainable,
         total_params=model.num_parameters(),
+        curve=curve,
     )
 
 
@@ -257,38 +275,18 @@ def checkpoint_bytes(model: GPT) -> int:
 # Tables and plots
 
 
-def format_table(rows: list[dict], columns: list[str] | None = None, formats: dict[str, str] | None = None) -> str:
-    """A markdown table (also readable as plain text). Floats get 4 decimals unless `formats` names a
-    format spec for their column; whole floats (an alpha of 16.0) print as integers."""
-    if columns is None:
-        columns = list(rows[0]) if rows else []
-    formats = formats or {}
-
-    def cell(v, column: str) -> str:
-        if isinstance(v, float) and column in formats:
-            return format(v, formats[column])
-        if isinstance(v, float):
-            return f"{v:g}" if v.is_integer() else f"{v:.4f}"
-        if isinstance(v, (list, tuple)):
-            return ",".join(map(str, v))
-        return "-" if v is None else str(v)
-
-    body = [[cell(r.get(c), c) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
-    line = lambda cells: "| " + " | ".join(s.ljust(w) for s, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(b) for b in body])
-
-
 def loss_rows(results: list[FinetuneResult], total_params: int) -> list[dict]:
     """Rows for format_table: the base, then each fine-tune (trainable parameters, target and source loss)."""
     first = results[0]
-    rows = [{"model": "base", "trainable": "0", "trainable_%": "0", "target_loss": first.base_losses["target"],
-             "source_loss": first.base_losses["source"], "train_s": None}]
+    rows = [{"model": "base", "lr": None, "trainable": "0", "trainable_%": "0",
+             "target_loss": first.base_losses["target"], "source_loss": first.base_losses["source"],
+             "target_acc": first.curve[0]["target_accuracy"] if first.curve else None, "train_s": None}]
     for res in results:
-        rows.append({"model": res.label, "trainable": f"{res.trainable_params:,}",
+        rows.append({"model": res.label, "lr": f"{res.train_config.learning_rate:g}",
+                     "trainable": f"{res.trainable_params:,}",
                      "trainable_%": f"{100.0 * res.trainable_params / total_params:.2f}",
                      "target_loss": res.losses["target"], "source_loss": res.losses["source"],
-                     "train_s": f"{res.history.seconds:.1f}"})
+                     "target_acc": res.target_accuracy, "train_s": f"{res.history.seconds:.1f}"})
     return rows
 
 
@@ -299,20 +297,6 @@ def table_csv(rows: list[dict], columns: list[str]) -> str:
     for r in rows:
         writer.writerow({c: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for c, v in r.items()})
     return buf.getvalue()
-
-
-def _figure(width: float, height: float, ncols: int = 1):
-    # The object-oriented API: no pyplot, so no GUI backend and no global figure state.
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.subplots(1, ncols, squeeze=False)[0]
-
-
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return write_file_atomic(path, buf.getvalue())
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -326,24 +310,36 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot_loss_curves(results: list[FinetuneResult], path: str | os.PathLike, title: str | None = None) -> Path:
-    """Training loss (smoothed) and target validation loss of each fine-tune against the base's, as a PNG."""
-    fig, (ax,) = _figure(8, 4.5)
-    for i, res in enumerate(results):
-        color = f"C{i}"
-        steps = len(res.history.losses)
-        ax.plot(range(steps), _smooth(res.history.losses, max(1, steps // 30)), color=color, alpha=0.5,
-                label=f"{res.label}: train (smoothed)")
-        evals = [e for e in res.history.evals if e.get("val") is not None]
-        ax.plot([e["iter"] for e in evals], [e["val"] for e in evals], "o-", color=color,
-                label=f"{res.label}: target validation")
-    if results:
-        ax.axhline(results[0].base_losses["target"], color="k", ls="--", lw=1, label="base: target validation")
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("cross-entropy (nats / char)")
-    ax.set_title(title or (f"Fine-tuning on {results[0].task}" if results else "Fine-tuning"))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)
+    """loss_curves_figure, saved as a PNG."""
+    return save_figure(loss_curves_figure(results, title), path)
+
+
+def loss_curves_figure(results: list[FinetuneResult], title: str | None = None):
+    """Target loss (left) and source loss (right: forgetting) of each fine-tune against step, with the base
+    as a dashed line. Every point is the table's estimator: step 0 is the base, the last point is the final
+    loss in the table (loss_rows). The smoothed training loss is drawn faintly on the left."""
+    fig, axes = new_figure(11, 4.2, ncols=2)
+    task = results[0].task if results else ""
+    panels = ((axes[0], "target", "target loss (the task)"), (axes[1], "source", "source loss (forgetting)"))
+    for ax, key, name in panels:
+        for i, res in enumerate(results):
+            color = f"C{i}"
+            if key == "target" and res.history.losses:
+                steps = len(res.history.losses)
+                ax.plot(range(steps), _smooth(res.history.losses, max(1, steps // 30)), color=color, alpha=0.3,
+                        lw=0.8, label=f"{res.label}: training batches (smoothed)")
+            ax.plot([p["step"] for p in res.curve], [p[key] for p in res.curve], "o-", color=color,
+                    label=f"{res.label} (lr {res.train_config.learning_rate:g})")
+        if results:
+            ax.axhline(results[0].base_losses[key], color="k", ls="--", lw=1, label="base")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("cross-entropy (nats / char)")
+        ax.set_title(f"{task}: {name}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,15 +363,16 @@ def compare_methods(
     base_model: GPT,
     task: Task,
     tokenizer: CharTokenizer,
-    lora: LoRAConfig = LoRAConfig(),
+    lora: LoRAConfig = default_lora_config(),
     lora_train_config: TrainConfig | None = None,
     full_train_config: TrainConfig | None = None,
     progress: bool = True,
     **eval_options,
 ) -> Comparison:
-    """Base, LoRA and full fine-tuning on one task: target loss, source loss and trainable parameters.
+    """Base, LoRA and full fine-tuning on one task, one seed: target loss, source loss and trainable parameters.
 
-    eval_options (eval_batch_size, eval_iters, eval_seed) go to `finetune`.
+    eval_options (eval_chars, curve_points) go to `finetune`. For a fair comparison (a learning-rate sweep
+    per method, 3 seeds, a noise line) use protocol.compare.
     """
     lora_res = finetune(base_model, task, tokenizer, lora, lora_train_config, progress, **eval_options)
     full_res = finetune(
@@ -431,7 +428,7 @@ def rank_sweep(
     tokenizer: CharTokenizer,
     ranks: tuple[int, ...] | list[int] = (1, 2, 4, 8, 16),
     targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
-    alpha: float = LoRAConfig.alpha,
+    alpha: float | None = None,
     train_config: TrainConfig | None = None,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -442,15 +439,17 @@ def rank_sweep(
     out_dir must be missing, empty, or an earlier sweep's folder (it is claimed with
     files.claim_output_dir before any training); a folder of other files is refused untouched.
 
-    alpha stays fixed across ranks, as in the LoRA paper, so scale = alpha / r shrinks as r grows: the
-    size of an Adam step on B @ A then hardly depends on r, and one learning rate serves every rank.
-    The default alpha is LoRAConfig's (16), so the r=8 row is the default fine-tune.
+    alpha None is lora_lab's rule, alpha = 2 r (protocol.default_alpha), so the r=8 row is the default
+    fine-tune. A fixed alpha (the LoRA paper's choice) makes scale = alpha / r shrink as r grows, and the
+    learned update shrinks with it: measured here, ‖ΔW‖_F falls with r at one learning rate
+    (benchmarks/RESULTS_protocol.md), so a fixed alpha is not neutral across ranks. One seed, one rate:
+    protocol.compare sweeps rates and seeds.
     """
     ranks = list(ranks)
     if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):
         raise ValueError(f"ranks must be a non-empty list of positive integers, got {ranks!r}.")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)  # "q_proj" is one name, not six letters
-    configs = [LoRAConfig(r=r, alpha=alpha, targets=targets) for r in ranks]
+    configs = [LoRAConfig(r=r, alpha=default_alpha(r) if alpha is None else alpha, targets=targets) for r in ranks]
     for cfg in configs:  # checked without touching the base: a rank too large for a target fails before training
         select_targets(base_model, cfg)
     out = None if out_dir is None else check_sweep_output(out_dir)  # refuses a user's folder
@@ -478,7 +477,7 @@ def rank_sweep(
 
 def plot_sweep(sweep: Sweep, path: str | os.PathLike) -> Path:
     """Losses vs rank (left) and adapter size vs rank (right), as a PNG."""
-    fig, (ax_loss, ax_size) = _figure(10, 4, ncols=2)
+    fig, (ax_loss, ax_size) = new_figure(10, 4, ncols=2)
     ranks = [r["rank"] for r in sweep.rows]
     for key, color in (("target", "C0"), ("source", "C1")):
         ax_loss.plot(ranks, [r[f"{key}_loss"] for r in sweep.rows], "o-", color=color, label=f"LoRA: {key}")

@@ -5,28 +5,25 @@ A frozen weight W (d x k, d = out_features, k = in_features) is adapted by a low
     W' = W + (alpha / r) * B @ A,        A: (r x k),  B: (d x r),  r << min(d, k)
 
 Only A and B are trained: r * (d + k) numbers instead of d * k. The sections below are
-1. the layer (LoRALinear), 2. choosing targets and freezing (apply_lora), 3. merging ΔW into W,
-4. counting parameters. Adapters on disk and hot-swapping them live in adapters.py.
+1. the settings (LoRAConfig) and the variant registry, 2. the layer (LoRALinear), 3. apply_lora,
+4. merging ΔW into W, 5. counting parameters. Choosing targets lives in targets.py, the other variants
+(DoRA, PiSSA, VeRA, ...) in variants/, adapters on disk and hot-swapping them in adapters.py.
 """
 from __future__ import annotations
 
+import ast
 import math
-from dataclasses import asdict, dataclass, fields
-from fnmatch import fnmatchcase
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import AdapterMismatchError, LoRAError  # noqa: F401  (importable from here, as before)
+from .targets import (is_lora_layer, named_modules, parent_of, target_linears, trainable_parameters,
+                      select_targets)  # noqa: F401  (select_targets: importable from here, as before)
+
 INITS = ("gaussian", "kaiming")
-
-
-class LoRAError(ValueError):
-    """A LoRA setting or operation that cannot be done (bad rank, bad target, merging twice, ...)."""
-
-
-class AdapterMismatchError(LoRAError):
-    """An adapter that was made for another base model or does not fit this one's shapes."""
 
 
 def _check_hyperparameters(r, alpha, dropout, init) -> None:
@@ -40,10 +37,64 @@ def _check_hyperparameters(r, alpha, dropout, init) -> None:
         raise LoRAError(f"LoRA init must be one of {INITS}, got {init!r}.")
 
 
+# ----------------------------------------------------------------------------------------------
+# 1. Settings, and the registry of variants (a variant is a LoRALinear subclass; see variants/)
+
+VARIANTS: dict[str, type] = {}
+
+
+def register_variant(cls: type) -> type:
+    """Class decorator: make a LoRALinear subclass selectable as LoRAConfig(variant=cls.variant).
+
+    Registering a class under a name again replaces it (re-running a notebook cell), except the built-ins.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, LoRALinear)):
+        raise LoRAError(f"A variant is a subclass of LoRALinear, got {cls!r}.")
+    name = cls.__dict__.get("variant")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LoRAError(f"{cls.__name__} must set its own class attribute `variant` to a name like 'my_lora'.")
+    old = VARIANTS.get(name)
+    if old is not None and old is not cls and old.__module__.startswith("lora_lab."):
+        raise LoRAError(f"Variant name {name!r} belongs to the built-in {old.__name__}; pick another name.")
+    formula_value(cls.parameter_formula, 1, 1, 1)  # a formula that cannot be evaluated is refused now
+    if cls.__doc__ is None or cls.parameter_formula not in cls.__doc__:
+        raise LoRAError(f"{cls.__name__}'s docstring must state its parameter formula {cls.parameter_formula!r}.")
+    VARIANTS[name] = cls
+    return cls
+
+
+def variant_class(name: str) -> type:
+    if name not in VARIANTS:
+        raise LoRAError(f"Unknown LoRA variant {name!r}; registered variants: {sorted(VARIANTS)}.")
+    return VARIANTS[name]
+
+
+def formula_value(formula: str, d: int, k: int, r: int) -> int:
+    """Evaluate a parameter formula such as "r*(d+k)+d" (only d, k, r, integers, + - * and brackets)."""
+    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
+
+    def value(node):
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.Name) and node.id in ("d", "k", "r"):
+            return {"d": d, "k": k, "r": r}[node.id]
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        raise LoRAError(f"Parameter formula {formula!r}: only d, k, r, integers, +, -, * and brackets are allowed.")
+
+    try:
+        tree = ast.parse(formula, mode="eval")
+    except SyntaxError:
+        raise LoRAError(f"Parameter formula {formula!r} is not an expression like 'r*(d+k)'.") from None
+    return value(tree.body)
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """What to adapt and how. targets / trainable are module-name patterns (fnmatch), matched against the
-    full dotted name ("blocks.0.attn.q_proj") or its last component ("q_proj"); "*.mlp.*" also works."""
+    full dotted name ("blocks.0.attn.q_proj") or its last component ("q_proj"); "*.mlp.*" also works.
+    `variant` names a registered LoRA variant ("lora", "rslora", "dora", "pissa", "vera", "lora_fa", ...),
+    `options` its own hyperparameters (defaults filled in and validated here)."""
 
     r: int = 8
     alpha: float = 16.0
@@ -51,6 +102,8 @@ class LoRAConfig:
     dropout: float = 0.0
     init: str = "gaussian"
     trainable: tuple[str, ...] = ()  # extra modules trained in full (e.g. "ln_f"), saved with the adapter
+    variant: str = "lora"
+    options: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         _check_hyperparameters(self.r, self.alpha, self.dropout, self.init)
@@ -63,10 +116,18 @@ class LoRAConfig:
             object.__setattr__(self, name, value)
         if not self.targets:
             raise LoRAError("LoRAConfig.targets is empty: name at least one nn.Linear module (e.g. 'q_proj').")
+        if not isinstance(self.options, dict):
+            raise LoRAError(f"LoRAConfig.options must be a dict of the variant's hyperparameters, "
+                            f"got {self.options!r}.")
+        object.__setattr__(self, "options", variant_class(self.variant).check_options(self.options))
+
+    @property
+    def layer_class(self) -> type:
+        return variant_class(self.variant)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        return {**d, "targets": list(self.targets), "trainable": list(self.trainable)}
+        return {**d, "targets": list(self.targets), "trainable": list(self.trainable), "options": dict(self.options)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoRAConfig":
@@ -77,11 +138,13 @@ class LoRAConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. The layer
+# 2. The layer
 
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank branch: y = base(x) + scale * B(A(dropout(x))).
+
+    Trainable parameters per layer: r*(d+k)   (scale = alpha / r; Hu et al. 2021, arXiv:2106.09685)
 
     Initialisation. One factor must start at zero so that B @ A = 0 and the adapted model is exactly
     the base model at step 0. B = 0 does that for any A. Training still starts: dL/dB = scale * g (A x)^T
@@ -90,13 +153,32 @@ class LoRALinear(nn.Module):
     from a perturbed model.) So any random A works: "gaussian" (the paper; N(0, 1/k), which keeps each
     component of A x at the scale of a component of x) or "kaiming" (kaiming-uniform, as in loralib and
     PEFT). They differ only in the scale of A, which alpha / r and the learning rate absorb.
+
+    A variant subclasses this layer and overrides what differs (see variants/ and check_variant):
+    `variant` (its registered name), `parameter_formula` (stated in its docstring), `options` (extra
+    hyperparameters with defaults, validated by `check_options`), `__init__` (its tensors: nn.Parameter
+    to train, persistent buffers saved with the adapter, non-persistent ones regenerated), `forward`,
+    `delta_weight` (or `merged_weight`/`unmerged_weight` for a non-additive merge), and its PEFT mapping.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "gaussian"):
+    wraps_linear = True  # how targets.py recognises an adapted layer
+    variant = "lora"
+    parameter_formula = "r*(d+k)"
+    options: dict = {}
+    scaling_rule = "alpha/r"
+    starts_at_base = True  # the adapted model equals the base at step 0 (the contract checks it)
+    lora_plus_names = ("lora_B",)  # the output-side tensors LoRA+ trains at lora_plus_ratio x the learning rate
+    peft_flags: dict | None = {"use_rslora": False, "use_dora": False}  # None: cannot be exported to PEFT
+    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}  # our tensor -> PEFT's key suffix
+    peft_refusal = ""  # why not, where peft_flags is None
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
+                 **options):
         super().__init__()
-        if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
+        if not isinstance(base, nn.Linear) or is_lora_layer(base):
             raise LoRAError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}.")
         _check_hyperparameters(r, alpha, dropout, init)
+        self.check_options(options)
         d, k = base.out_features, base.in_features
         if r > min(d, k):
             raise LoRAError(f"LoRA rank r={r} exceeds min(d, k) = min({d}, {k}); B @ A cannot have rank above that.")
@@ -110,118 +192,108 @@ class LoRALinear(nn.Module):
             nn.init.normal_(self.lora_A, mean=0.0, std=1.0 / math.sqrt(k))
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the default init of nn.Linear
-        self.merged = False  # True while scale * B @ A is folded into base.weight
+        self.merged = False  # True while the update is folded into base.weight
         self.enabled = True  # False: behave like the base layer
+
+    @classmethod
+    def from_config(cls, base: nn.Linear, config: LoRAConfig) -> "LoRALinear":
+        return cls(base, config.r, config.alpha, config.dropout, config.init, **config.options)
+
+    @classmethod
+    def check_options(cls, options: dict) -> dict:
+        """The variant's hyperparameters with defaults filled in; unknown names and wrong types are refused.
+        A variant with range rules overrides this, calls super() and checks the values."""
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            known = ", ".join(f"{n}={v!r}" for n, v in cls.options.items()) or "none"
+            raise LoRAError(f"Variant {cls.variant!r} has no option(s) {unknown}; its options: {known}.")
+        full = {**cls.options, **options}
+        for name, value in full.items():
+            default = cls.options[name]
+            wanted = (int, float) if type(default) is float else type(default)
+            if isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, wanted):
+                raise LoRAError(f"Variant {cls.variant!r}: option {name} must be a {type(default).__name__}, "
+                                f"got {value!r}.")
+        return full
 
     @property
     def scale(self) -> float:
         return self.alpha / self.r
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., k)
-        out = self.base(x)  # (..., d)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., k) -> (..., d)
         if self.merged or not self.enabled:
-            return out
-        # Two thin matmuls (..., k) -> (..., r) -> (..., d): the d x k matrix B @ A is never formed, and
-        # the frozen base weight gets no weight-gradient matmul (autograd skips it: requires_grad=False).
-        # scale multiplies the r-wide intermediate rather than the d-wide output: same math, r/d the work.
-        h = F.linear(self.lora_dropout(x), self.lora_A) * self.scale  # (..., r)
-        return out + F.linear(h, self.lora_B)  # (..., d)
+            return self.base(x)
+        # base(x) + scale * B(A(dropout(x))): two thin matmuls, so the d x k matrix B @ A is never formed and
+        # the frozen weight gets no weight-gradient matmul. scale multiplies the r-wide intermediate (r/d the work).
+        return self.base(x) + F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scale, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scale * B @ A as a (d, k) fp32 matrix: for merging and analysis, never used in training."""
         return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight that computes this layer's output alone (fp32 in, fp32 out): W + ΔW for additive variants."""
+        return weight + self.delta_weight()
+
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """Inverse of merged_weight, used only if the merged weight was changed (e.g. trained) while merged."""
+        return merged - self.delta_weight()
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's own tensors, as saved in an adapter file: parameters and persistent buffers, not the base."""
+        return {n: t for n, t in self.state_dict(keep_vars=True).items() if not n.startswith("base.")}
+
+    def to_peft(self) -> tuple[int, float, dict[str, torch.Tensor]]:
+        """(PEFT r, PEFT lora_alpha, {PEFT key suffix: tensor}) of this layer."""
+        if self.peft_flags is None:
+            raise LoRAError(f"Variant {self.variant!r} cannot be exported to PEFT: {self.peft_refusal}")
+        tensors = self.adapter_tensors()
+        unmapped = sorted(set(tensors) - set(self.peft_names))
+        if unmapped:
+            raise LoRAError(f"Variant {self.variant!r} cannot be exported to PEFT: its tensors {unmapped} have no "
+                            "place in PEFT's LoRA (map them in peft_names, override to_peft, or set "
+                            "peft_flags = None).")
+        return self.r, self.alpha, {self.peft_names[n]: t for n, t in tensors.items()}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}, enabled={self.enabled}"
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Targets and freezing
+# 3. Adapting a model: wrap the targets, freeze the rest
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return fnmatchcase(name, pattern) or fnmatchcase(name.rpartition(".")[2], pattern)
+def own_parameters(layer: LoRALinear) -> dict[str, nn.Parameter]:
+    """A LoRA layer's own parameters (everything but its frozen base): what a variant trains."""
+    return {n: p for n, p in layer.named_parameters() if not n.startswith("base.")}
 
 
-def _modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Named modules, without the root and without the insides of LoRA layers (their base, dropout)."""
-    out, lora = {}, []
-    for name, module in model.named_modules():
-        if name and not any(name.startswith(p + ".") for p in lora):
-            out[name] = module
-            if isinstance(module, LoRALinear):
-                lora.append(name)
+def lora_plus_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters LoRA+ (Hayou et al. 2024, arXiv:2402.12354) trains at a higher learning rate: each
+    layer's `lora_plus_names` (B in LoRA; B and DoRA's magnitude; VeRA's b). Empty for a plain model."""
+    out = []
+    for layer in lora_layers(model).values():
+        out += [p for n, p in own_parameters(layer).items() if n in layer.lora_plus_names and p.requires_grad]
     return out
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in _modules(model).items() if isinstance(m, LoRALinear)}
+    return {n: m for n, m in named_modules(model).items() if is_lora_layer(m)}
 
 
-def _linear_summary(modules: dict[str, nn.Module]) -> str:
-    names = [n for n, m in modules.items() if isinstance(m, nn.Linear | LoRALinear)]
-    short = list(dict.fromkeys(n.rpartition(".")[2] for n in names))
-    return f"{', '.join(short)} (full names like {names[0]!r})" if names else "none"
-
-
-def _tied(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> every name it is registered under, for parameters shared by several modules."""
-    seen: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        seen.setdefault(id(p), []).append(name)
-    return {i: names for i, names in seen.items() if len(names) > 1}
-
-
-def _select_targets(model: nn.Module, patterns, r: int) -> dict[str, nn.Linear]:
-    """Resolve target patterns to {name: nn.Linear} (a LoRA layer counts as its base). Raises, never mutates."""
-    modules, tied, chosen = _modules(model), _tied(model), {}
-    for pattern in patterns:
-        hits = [n for n in modules if _matches(n, pattern)]
-        linear = [n for n in hits if isinstance(modules[n], nn.Linear | LoRALinear)]
-        if not linear:
-            kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in hits[:6])
-            found = f"matches only {kinds}; " if hits else "matches no module; "
-            raise LoRAError(f"LoRA target {pattern!r} {found}only nn.Linear layers can be targeted. "
-                            f"Linear layers in this model: {_linear_summary(modules)}.")
-        for n in linear:
-            base = modules[n].base if isinstance(modules[n], LoRALinear) else modules[n]
-            if id(base.weight) in tied:
-                others = [t for t in tied[id(base.weight)] if not t.startswith(n + ".")]
-                raise LoRAError(f"LoRA target {n!r} shares its weight with {others} (weight tying); "
-                                "merging ΔW into it would change the embedding too, so it cannot be targeted.")
-            if r > min(base.out_features, base.in_features):
-                raise LoRAError(f"LoRA rank r={r} exceeds min(d, k) = min({base.out_features}, {base.in_features}) "
-                                f"for {n!r}; B @ A cannot have rank above that.")
-            chosen[n] = base
-    return chosen
-
-
-def _select_trainable(model: nn.Module, config: LoRAConfig, targets) -> dict[str, nn.Parameter]:
-    """Resolve config.trainable to {unique parameter name: parameter}. Raises, never mutates."""
-    modules, ids = _modules(model), set()
-    for pattern in config.trainable:
-        hits = [n for n in modules if _matches(n, pattern)]
-        if not hits:
-            short = ", ".join(dict.fromkeys(n.rpartition(".")[2] for n in modules))
-            raise LoRAError(f"trainable pattern {pattern!r} matches no module; modules in this model: {short}.")
-        for n in hits:
-            clash = [t for t in targets if t == n or t.startswith(n + ".")]
-            if clash:
-                raise LoRAError(f"trainable module {n!r} contains LoRA targets {clash[:4]}: a layer is either "
-                                "adapted by LoRA or trained in full, not both.")
-            ids.update(id(p) for p in modules[n].parameters())
-    return {name: p for name, p in model.named_parameters() if id(p) in ids}
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), attr
+def require_lora(model: nn.Module) -> dict[str, LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise LoRAError("The model has no LoRA layers; call apply_lora(model, LoRAConfig(...)) first.")
+    return layers
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
-    """Wrap every target nn.Linear in a LoRALinear, in place, and freeze all but A, B and `trainable`.
+    """Wrap every target nn.Linear in the config's variant of LoRALinear, in place, and freeze all but the
+    variant's trainable tensors and `trainable`.
 
-    Everything is validated before the model is touched: on any error the model is exactly as it was.
+    Everything is validated and every new layer is built before the model is touched: on any error the
+    model is exactly as it was.
     """
     config = LoRAConfig() if config is None else config
     if not isinstance(config, LoRAConfig):
@@ -231,85 +303,90 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
         raise LoRAError(f"LoRA is already applied to {list(existing)[:4]}{' ...' if len(existing) > 4 else ''}; "
                         "applying it twice would stack adapters. Use load_adapter to replace the LoRA tensors, "
                         "or merge_and_unload first.")
-    targets = _select_targets(model, config.targets, config.r)
-    trainable = _select_trainable(model, config, targets)
+    targets = target_linears(model, config.targets, config.r)
+    trainable = trainable_parameters(model, config.trainable, targets)
+    layers = {name: config.layer_class.from_config(linear, config) for name, linear in targets.items()}
     model.requires_grad_(False)
-    for name, linear in targets.items():
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, LoRALinear(linear, config.r, config.alpha, config.dropout, config.init))
+    for name, layer in layers.items():
+        for p in own_parameters(layer).values():  # the variant's own parameters train; buffers stay frozen
+            p.requires_grad_(True)
+        parent, attr = parent_of(model, name)
+        setattr(parent, attr, layer)
     for p in trainable.values():
         p.requires_grad_(True)
     model.lora_config = config  # remembered for save_adapter / export
     return model
 
 
-def _require_lora(model: nn.Module) -> dict[str, LoRALinear]:
-    layers = lora_layers(model)
-    if not layers:
-        raise LoRAError("The model has no LoRA layers; call apply_lora(model, LoRAConfig(...)) first.")
-    return layers
-
-
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
-    """Switch every LoRA branch on or off (off: the model computes exactly the base model)."""
-    layers = _require_lora(model)
+    """Switch every LoRA branch on or off (off: the model computes exactly the base model, for every variant)."""
+    layers = require_lora(model)
     if not enabled and any(layer.merged for layer in layers.values()):
         raise LoRAError("Cannot disable LoRA while it is merged into the weights; call unmerge_lora first.")
     for layer in layers.values():
         layer.enabled = bool(enabled)
 
 
-def select_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """The module names `apply_lora(model, config)` would adapt, without changing the model.
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Put each LoRA layer's own base nn.Linear back (same object, same weight tensor), without merging.
 
-    Raises LoRAError exactly where apply_lora would (a pattern matching no nn.Linear, a rank above
-    min(d, k), a tied weight, a bad `trainable` pattern). Works on a model built on the "meta" device,
-    so a config can be checked against a preset's shape at no cost.
-    """
-    if not isinstance(config, LoRAConfig):
-        raise LoRAError(f"select_targets needs a LoRAConfig, got {type(config).__name__}.")
-    targets = _select_targets(model, config.targets, config.r)
-    _select_trainable(model, config, targets)
-    return list(targets)
+    The model is the plain base again, trainable like a fresh one (merged layers are refused: unmerge first)."""
+    layers = lora_layers(model)
+    if any(l.merged for l in layers.values()):
+        raise LoRAError("LoRA is merged into the weights; unmerge_lora first (or use merge_and_unload).")
+    _unwrap(model)
+    return model
+
+
+def _unwrap(model: nn.Module) -> None:
+    for name, layer in lora_layers(model).items():
+        parent, attr = parent_of(model, name)
+        setattr(parent, attr, layer.base)
+    if "lora_config" in model.__dict__:
+        del model.lora_config
+    model.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Merging: W <- W ± scale * B @ A, so inference costs exactly what the base model costs
+# 4. Merging: W <- the layer's merged weight (W + ΔW for additive variants), so inference costs what the base costs
 
 
 def _fold(layers: dict[str, LoRALinear], sign: int, action: str) -> None:
     # Compute every new weight first (fp32 math, one rounding back to the weight's dtype), check them
     # all, and only then write: a refused merge leaves every layer as it was.
-    new = {n: (l.base.weight.float() + sign * l.delta_weight()).to(l.base.weight.dtype) for n, l in layers.items()}
+    new = {}
+    for n, l in layers.items():
+        w = l.base.weight.float()
+        new[n] = (l.merged_weight(w) if sign > 0 else l.unmerged_weight(w)).to(l.base.weight.dtype)
     bad = [n for n, w in new.items() if not torch.isfinite(w).all()]
     if bad:
         raise LoRAError(f"Refusing to {action}: the result would contain NaN/Inf in {bad}; weights left unchanged.")
     with torch.no_grad():
         for n, layer in layers.items():
             if sign > 0:
-                # W + ΔW is rounded to W's dtype (in bf16 to ~3 digits), so W - ΔW would not give W back:
-                # keep W itself while merged (a non-persistent buffer: it follows .to(), is never saved).
+                # The merged weight is rounded to W's dtype (in bf16 to ~3 digits), so undoing the merge would
+                # not give W back: keep W itself while merged (a non-persistent buffer: follows .to(), never saved).
                 layer.register_buffer("weight_before_merge", layer.base.weight.detach().clone(), persistent=False)
                 layer.base.weight.copy_(new[n])
             else:
                 kept = getattr(layer, "weight_before_merge", None)
                 # W comes back exactly if the merged weight is still what merging made of it (it was not
-                # edited or trained while merged); otherwise subtracting ΔW is the best there is.
+                # edited or trained while merged); otherwise the variant's inverse is the best there is.
                 unchanged = kept is not None and torch.equal(
-                    layer.base.weight, (kept.float() + layer.delta_weight()).to(kept.dtype))
+                    layer.base.weight, layer.merged_weight(kept.float()).to(kept.dtype))
                 layer.base.weight.copy_(kept if unchanged else new[n])
                 layer.weight_before_merge = None
             layer.merged = sign > 0
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold ΔW = scale * B @ A into each adapted weight: W <- W + ΔW (fp32 math, rounded once to W's dtype).
+    """Fold each layer's update into its weight (W <- W + ΔW for additive variants; fp32 math, rounded once).
 
     Memory: while merged, each adapted layer keeps a copy of its original W (d * k numbers in W's dtype,
     e.g. 64 KiB for a 128 x 128 fp32 layer) so that unmerge_lora restores W bit for bit in every dtype;
     unmerge_lora and merge_and_unload drop it.
     """
-    layers = _require_lora(model)
+    layers = require_lora(model)
     merged = [n for n, l in layers.items() if l.merged]
     if merged:
         raise LoRAError(f"LoRA is already merged into {merged[:4]}; merging twice would add ΔW twice.")
@@ -320,27 +397,17 @@ def merge_lora(model: nn.Module) -> None:
 
 def unmerge_lora(model: nn.Module) -> None:
     """Undo merge_lora: W comes back exactly (bit for bit, in fp32, bf16 and fp16) from the copy kept
-    while merged. If W was changed while merged (e.g. trained), ΔW is subtracted instead (fp32 math)."""
-    layers = _require_lora(model)
+    while merged. If W was changed while merged (e.g. trained), the variant's inverse is applied (fp32 math)."""
+    layers = require_lora(model)
     unmerged = [n for n, l in layers.items() if not l.merged]
     if unmerged:
         raise LoRAError(f"LoRA is not merged into {unmerged[:4]}; there is nothing to unmerge.")
     _fold(layers, -1, "unmerge")
 
 
-def _unwrap(model: nn.Module) -> None:
-    """Put each LoRA layer's own base nn.Linear back (same object, same weight tensor)."""
-    for name, layer in lora_layers(model).items():
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, layer.base)
-    if "lora_config" in model.__dict__:
-        del model.lora_config
-    model.requires_grad_(True)  # a plain model again, trainable like a fresh one
-
-
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge (if not merged yet) and return the same model as a plain GPT without LoRA modules."""
-    layers = _require_lora(model)
+    layers = require_lora(model)
     if not all(l.merged for l in layers.values()):
         merge_lora(model)
     for layer in layers.values():
@@ -350,7 +417,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Counting parameters
+# 5. Counting parameters
 
 
 @dataclass(frozen=True)
@@ -359,8 +426,10 @@ class ParameterRow:
     d: int  # out_features
     k: int  # in_features
     r: int
-    lora_params: int  # r * (d + k): A and B
+    lora_params: int  # the layer's trainable numbers: r * (d + k) for A and B in plain LoRA
     full_params: int  # d * k: the matrix a full fine-tune would train
+    variant: str = "lora"
+    formula: str = "r*(d+k)"
 
 
 @dataclass(frozen=True)
@@ -375,20 +444,32 @@ class ParameterReport:
         return self.trainable_params / self.total_params
 
     def to_text(self) -> str:
-        lines = [f"{'module':<28}{'d':>6}{'k':>6}{'r':>4}{'r(d+k)':>10}{'d*k':>10}"]
+        formulas = {w.formula.replace("*", "") for w in self.rows}  # "r(d+k)", "r(d+k)+d", "rd", ...
+        head = formulas.pop() if len(formulas) == 1 else "trained"
+        lines = [f"{'module':<28}{'d':>6}{'k':>6}{'r':>4}{head:>10}{'d*k':>10}"]
         lines += [f"{w.name:<28}{w.d:>6}{w.k:>6}{w.r:>4}{w.lora_params:>10,}{w.full_params:>10,}" for w in self.rows]
         full = sum(w.full_params for w in self.rows)
-        lines.append(f"LoRA parameters: {self.lora_params:,} (vs {full:,} in the adapted matrices)")
+        variants = sorted({w.variant for w in self.rows} - {"lora"})
+        which = f" ({', '.join(variants)})" if variants else ""
+        lines.append(f"LoRA parameters{which}: {self.lora_params:,} (vs {full:,} in the adapted matrices)")
         lines.append(f"trainable: {self.trainable_params:,} of {self.total_params:,} ({self.trainable_fraction:.3%})")
         return "\n".join(lines)
 
 
+def layer_trainable_count(layer: LoRALinear) -> int:
+    """The numbers a layer trains: its own parameters (not the frozen base, not buffers)."""
+    return sum(p.numel() for p in own_parameters(layer).values())
+
+
 def parameter_report(model: nn.Module) -> ParameterReport:
     rows = tuple(
-        ParameterRow(n, l.base.out_features, l.base.in_features, l.r,
-                     l.r * (l.base.out_features + l.base.in_features), l.base.out_features * l.base.in_features)
+        ParameterRow(n, l.base.out_features, l.base.in_features, l.r, layer_trainable_count(l),
+                     l.base.out_features * l.base.in_features, l.variant, l.parameter_formula)
         for n, l in lora_layers(model).items()
     )
     params = list(model.parameters())  # unique: lm_head.weight is tok_emb.weight
     return ParameterReport(rows, sum(w.lora_params for w in rows), sum(p.numel() for p in params),
                            sum(p.numel() for p in params if p.requires_grad))
+
+
+register_variant(LoRALinear)

@@ -236,6 +236,10 @@ class GPT(nn.Module):
             raise ValueError(f"{what} must hold integer token ids, got dtype {idx.dtype}.")
         if idx.size(1) == 0:
             raise ValueError(f"{what} is empty (time length 0): give at least one token.")
+        if torch.compiler.is_compiling() or (idx.device.type != "cpu" and self.training):
+            # Reading the ids' range waits for the GPU (and breaks a compiled graph): training batches are
+            # cut from already-encoded text, so on a GPU only eval and generation pay for the check.
+            return
         V = self.config.vocab_size
         lo, hi = torch.aminmax(idx)  # one cheap reduction instead of nn.Embedding's bare IndexError
         if lo < 0 or hi >= V:

@@ -4,7 +4,10 @@ PEFT's on-disk LoRA adapter is a folder with
   adapter_model.safetensors  keys "base_model.model.<module>.lora_A.weight" (r, k) and ".lora_B.weight" (d, r);
                              modules_to_save weights under "base_model.model.<module>.<param>"
   adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules", "lora_dropout", ...}
-PEFT scales the update by lora_alpha / r, like lora_lab, so A and B move across unchanged.
+PEFT scales the update by lora_alpha / r, like lora_lab, so A and B move across unchanged. Each variant
+declares its own mapping (LoRALinear.peft_flags / peft_names / to_peft): rslora is PEFT's use_rslora,
+dora its use_dora (+ "lora_magnitude_vector"), pissa exports as the equivalent plain LoRA of rank 2r,
+and a variant PEFT cannot express (vera) is refused with its reason.
 Reading and writing the files needs no PEFT install; only `require_peft` (used to build PEFT models) does.
 """
 from __future__ import annotations
@@ -16,19 +19,21 @@ import torch.nn as nn
 
 from .files import CorruptFileError, nonfinite_names, read_json, read_tensors, write_bundle
 from .adapters import install_adapter
-from .lora import LoRAConfig, LoRAError, _require_lora, _select_trainable, _tied
+from .lora import VARIANTS, LoRAConfig, LoRAError, require_lora
+from .targets import tied_parameters, trainable_parameters
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> our GPT
 
-# PEFT options that change what LoRA computes; lora_lab implements only their defaults (falsy or "none").
+# PEFT options that change what LoRA computes; lora_lab implements only their defaults (falsy or "none"),
+# apart from use_rslora and use_dora, which select a variant.
 _UNSUPPORTED = {
-    "use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
+    "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
     "fan_in_fan_out": False, "lora_bias": False, "trainable_token_indices": None, "target_parameters": None,
     "layer_replication": None, "use_qalora": False, "alora_invocation_tokens": None,
 }
-_EXPORTED_DEFAULTS = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out")
+_EXPORTED_DEFAULTS = ("rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out")
 
 
 def require_peft():
@@ -42,9 +47,9 @@ def require_peft():
 
 def _trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules trained in full (config.trainable) as PEFT's modules_to_save; tied weights cannot go there."""
-    config, layers = model.lora_config, _require_lora(model)
-    params = _select_trainable(model, config, layers)
-    tied = {name for names in _tied(model).values() for name in names}
+    config, layers = model.lora_config, require_lora(model)
+    params = trainable_parameters(model, config.trainable, layers)
+    tied = {name for names in tied_parameters(model).values() for name in names}
     if tied & set(params):
         raise LoRAError("PEFT's modules_to_save copies a module and unties its weight, so a trainable tied "
                         "embedding (tok_emb / lm_head) cannot be exported to PEFT.")
@@ -57,8 +62,11 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     `path` may be missing, an empty folder or a PEFT LoRA adapter folder holding only these two files;
     anything else is refused (files.OutputExistsError) and left untouched. Non-finite tensors are refused.
     """
-    layers = _require_lora(model)
+    layers = require_lora(model)
     config = model.lora_config
+    flags = config.layer_class.peft_flags
+    if flags is None:
+        raise LoRAError(f"Variant {config.variant!r} cannot be exported to PEFT: {config.layer_class.peft_refusal}")
     to_save = _trainable_modules(model)
     modules = [n for n, _ in model.named_modules()]
     for name in to_save:  # PEFT picks modules_to_save by plain suffix match: make sure ours are unambiguous
@@ -66,8 +74,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
             raise LoRAError(f"trainable module {name!r} is a suffix of other module names; PEFT would match those too.")
     tensors = {}
     for n, layer in layers.items():
-        tensors[f"{PREFIX}{n}.lora_A.weight"] = layer.lora_A  # (r, k)
-        tensors[f"{PREFIX}{n}.lora_B.weight"] = layer.lora_B  # (d, r)
+        peft_r, peft_alpha, own = layer.to_peft()  # e.g. {"lora_A.weight": A (r, k), "lora_B.weight": B (d, r)}
+        tensors.update({f"{PREFIX}{n}.{key}": t for key, t in own.items()})
     for n, module in to_save.items():
         tensors.update({f"{PREFIX}{n}.{p}": t for p, t in module.named_parameters()})
     bad = nonfinite_names(tensors)
@@ -76,8 +84,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
-        "r": config.r,
-        "lora_alpha": config.alpha,
+        "r": peft_r,
+        "lora_alpha": peft_alpha,
         "lora_dropout": config.dropout,
         "target_modules": sorted(layers),  # full names: PEFT matches them exactly
         "modules_to_save": sorted(to_save) or None,
@@ -85,6 +93,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         "inference_mode": True,
         "base_model_name_or_path": None,
         "revision": None,
+        **flags,
         **{k: _UNSUPPORTED[k] for k in _EXPORTED_DEFAULTS},
     }
     # PEFT's own layout, recognised by peft_type: only a PEFT LoRA folder with just these files is replaced.
@@ -109,16 +118,19 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     odd = {k: cfg[k] for k, default in _UNSUPPORTED.items() if cfg.get(k) and cfg[k] != default}
     if odd:
         raise LoRAError(f"{path}: PEFT options lora_lab does not implement: {odd}.")
+    flags = {"use_rslora": bool(cfg.get("use_rslora")), "use_dora": bool(cfg.get("use_dora"))}
+    variant = next(name for name, cls in VARIANTS.items() if cls.peft_flags == flags)  # lora, rslora or dora
+    ours = {suffix: mine for mine, suffix in VARIANTS[variant].peft_names.items()}  # PEFT suffix -> our name
     raw = read_tensors(path / PEFT_WEIGHTS)
     tensors, targets, trainable = {}, [], []
     for key, t in raw.items():
         if not key.startswith(PREFIX):
             raise CorruptFileError(f"{path / PEFT_WEIGHTS}: unexpected tensor {key!r} (expected prefix {PREFIX!r}).")
         name = key[len(PREFIX):]
-        for part in ("lora_A", "lora_B"):
-            if name.endswith(f".{part}.weight"):
-                module = name[: -len(f".{part}.weight")]
-                tensors[f"{module}.{part}"] = t
+        for suffix, mine in ours.items():
+            if name.endswith(f".{suffix}"):
+                module = name[: -len(f".{suffix}")]
+                tensors[f"{module}.{mine}"] = t
                 targets.append(module)
                 break
         else:
@@ -128,11 +140,11 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         config = LoRAConfig(
             r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0) or 0.0,
             targets=tuple(sorted(set(targets))), trainable=tuple(sorted(set(trainable))),
-            init="kaiming" if cfg.get("init_lora_weights", True) is True else "gaussian",
+            init="kaiming" if cfg.get("init_lora_weights", True) is True else "gaussian", variant=variant,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"{path / PEFT_CONFIG} is not a usable LoRA config: {err!r}") from None
-    tied = {name for names in _tied(model).values() for name in names}
+    tied = {name for names in tied_parameters(model).values() for name in names}
     if tied & set(tensors):
         raise LoRAError(f"{path} retrains {sorted(tied & set(tensors))}, a weight tied to another module here; "
                         "PEFT unties it, lora_lab's GPT cannot.")

@@ -3,8 +3,12 @@
 The text is a sequence of speeches ("turns") separated by blank lines, each starting "SPEAKER:".
 - The *source domain* is what the base GPT is pretrained on: the train split with the held-out play removed. Its validation text is the dataset's validation split.
 - `romeo_juliet` (held-out domain): the play Romeo and Juliet (~44%-57% of the train split), which the
-  base never saw.
+  base never saw. Kept for compatibility, not as the headline: to a character-level model it is barely new
+  (the tiny base's loss on it is within 0.08 nats of its source loss; benchmarks/RESULTS_protocol.md).
 - `shout` (style change): the source text in upper case, a deterministic rewrite of every character.
+- `rot13` (new alphabet): the source text with every letter moved 13 places along the alphabet. The base
+  knows every symbol but none of the words, so its loss is far above its source loss (a real gap), and the
+  task has a metric besides loss: next-character accuracy on the held-out text (`metric`).
 Every task reports the target-domain loss (adaptation) and the source-domain loss (forgetting).
 """
 from __future__ import annotations
@@ -88,6 +92,7 @@ class Task:
     train: str  # target-domain text to fine-tune on
     validation: str  # target-domain text to measure adaptation
     source_validation: str  # source-domain text to measure forgetting
+    metric: str | None = None  # a task metric besides loss, scored on the validation text (see METRICS)
 
     def __post_init__(self):
         for name in ("train", "validation", "source_validation"):
@@ -95,6 +100,8 @@ class Task:
             if not isinstance(text, str) or not text:
                 raise ValueError(f"Task {self.name!r}: its {name} text is empty (or not a str); the text it was "
                                  "made from is too short for this task.")
+        if self.metric is not None and self.metric not in METRICS:
+            raise ValueError(f"Task {self.name!r}: unknown metric {self.metric!r}; choose one of {sorted(METRICS)}.")
 
 
 def romeo_juliet(splits: dict[str, str]) -> Task:
@@ -128,7 +135,39 @@ def shout(splits: dict[str, str]) -> Task:
     )
 
 
-TASKS = {"romeo_juliet": romeo_juliet, "shout": shout}
+def rot13_text(text: str) -> str:
+    """Every ASCII letter moved 13 places along the alphabet (case kept); applying it twice gives the text back."""
+    return text.translate(ROT13_TABLE)
+
+
+_LOWER, _UPPER = "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ROT13_TABLE = str.maketrans(_LOWER + _UPPER, _LOWER[13:] + _LOWER[:13] + _UPPER[13:] + _UPPER[:13])
+
+
+def rot13(splits: dict[str, str]) -> Task:
+    source = source_domain(splits)
+    return Task(
+        name="rot13",
+        description=(
+            "New alphabet: the source text with every letter moved 13 places (ROT13). Same symbols, same layout, "
+            "but no word the base knows: tests learning a new mapping of familiar characters. Scored by loss and "
+            "by next-character accuracy on held-out text. As with shout, part of the higher source loss is the "
+            "task itself (a model that writes ROT13 finds plain English unlikely), not only forgetting."
+        ),
+        train=rot13_text(source["train"]),
+        validation=rot13_text(source["validation"]),
+        source_validation=source["validation"],
+        metric="char_accuracy",
+    )
+
+
+# Task metrics besides loss, each a fraction of held-out examples scored right (higher is better).
+METRICS = {
+    "char_accuracy": "next-character accuracy: the share of validation characters that are the model's most "
+                     "likely next character (each predicted once, from up to block_size characters of context)",
+}
+
+TASKS = {"romeo_juliet": romeo_juliet, "shout": shout, "rot13": rot13}
 
 
 def make_task(name: str, splits: dict[str, str]) -> Task:

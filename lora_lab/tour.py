@@ -25,18 +25,19 @@ from .adapters import save_adapter
 from .checkpoint import save_checkpoint
 from .files import claim_output_dir, folder_bytes, write_file_atomic, write_json_atomic
 from .finetune import (
-    DEFAULT_TARGETS, EVAL_ITERS, FinetuneResult, finetune, finetune_config, format_table, loss_rows,
-    plot_loss_curves,
+    DEFAULT_TASK, FinetuneResult, default_lora_config, finetune, finetune_config, loss_rows, plot_loss_curves,
 )
 from .lora import LoRAConfig, merge_and_unload, select_targets
 from .model import eval_mode
 from .outputs import check_adapter_target, check_checkpoint_target
 from .pretrained import Pretrained
+from .protocol import EVAL_CHARS, format_table
 from .sampling import sample_text
 from .train import TrainConfig
 
 TOUR_OUTPUT_FORMAT = "lora_lab.tour.v1"
-TOUR_PROMPTS = {"romeo_juliet": "ROMEO:\n", "shout": "KING RICHARD III:\n"}  # speakers each text knows
+# Speakers each text knows (rot13's is "KING RICHARD III:" in ROT13).
+TOUR_PROMPTS = {"romeo_juliet": "ROMEO:\n", "shout": "KING RICHARD III:\n", "rot13": "XVAT EVPUNEQ VVV:\n"}
 SAMPLE_CHARS = 160
 SAMPLE_TEMPERATURE = 0.8
 MERGE_TOLERANCE = 1e-4  # largest |logit difference| that still counts as "the same function" in fp32
@@ -107,8 +108,10 @@ class TourReport:
             f"{lora_res.trainable_params:,} trainable parameters = "
             f"{100 * lora_res.trainable_params / self.base_params:.2f}% of the base's {self.base_params:,}",
             "",
-            "Validation loss (nats/char) on fixed batches; target = the task, source = pretraining text "
-            "(higher than base = forgetting):",
+            f"Validation loss (nats/char): the exact loss of the first {EVAL_CHARS:,} characters of each "
+            "validation text, the same estimator as every point of loss_curves.png; target = the task, "
+            "source = pretraining text (higher than base = forgetting); target_acc = next-character accuracy. "
+            "One seed: `lora_lab.protocol.compare` adds seeds, a learning-rate sweep and a noise line.",
             "",
             format_table(loss_rows(self.results, self.base_params)),
             "",
@@ -145,7 +148,7 @@ class TourReport:
 
 def run_tour(
     base: Pretrained,
-    task_name: str = "shout",
+    task_name: str = DEFAULT_TASK,
     lora: LoRAConfig | None = None,
     lora_train_config: TrainConfig | None = None,
     full_train_config: TrainConfig | None = None,
@@ -153,20 +156,20 @@ def run_tour(
     *,
     compare_full: bool = True,
     metadata: dict | None = None,
-    eval_iters: int = EVAL_ITERS,
+    eval_chars: int | None = EVAL_CHARS,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TourReport:
     """Fine-tune `base` on a task with LoRA (and in full unless compare_full=False), merge, and report.
 
-    lora defaults to r=8, alpha=16 on DEFAULT_TARGETS; the train configs to `finetune_config`. metadata
-    (a JSON object, e.g. which base this is) is stored with the adapter and the merged checkpoint. log,
-    if given, receives a line at the start of each step. Raises finetune.DivergedError if the LoRA run
+    lora defaults to finetune.default_lora_config() (r=8, alpha=2r=16 on DEFAULT_TARGETS); the train configs
+    to `finetune_config` (the protocol's chosen rates). metadata (a JSON object, e.g. which base this is) is
+    stored with the adapter and the merged checkpoint. log, if given, receives a line at the start of each step. Raises finetune.DivergedError if the LoRA run
     diverged (nothing is saved then); the output folder is checked before any training.
     """
     say = log or (lambda line: None)
     t0 = time.perf_counter()
-    lora = lora or LoRAConfig(r=8, alpha=16.0, targets=DEFAULT_TARGETS)
+    lora = lora or default_lora_config()
     select_targets(base.model, lora)  # a bad config fails before anything is written or trained
     out = check_tour_output(out_dir)
     tokenizer = base.dataset.tokenizer
@@ -176,12 +179,12 @@ def run_tour(
 
     say(f"\n== 3. LoRA fine-tuning: r={lora.r}, alpha={lora.alpha:g}, targets {','.join(lora.targets)}")
     lora_res = finetune(base.model, task, tokenizer, lora, lora_train_config or finetune_config(),
-                        progress=progress, eval_iters=eval_iters).require_finite()
+                        progress=progress, eval_chars=eval_chars).require_finite()
     results = [lora_res]
     if compare_full:
         say("\n== 3b. Full fine-tuning, for comparison: every weight trainable")
         results.append(finetune(base.model, task, tokenizer, None, full_train_config or finetune_config(full=True),
-                                progress=progress, eval_iters=eval_iters, base_losses=lora_res.base_losses))
+                                progress=progress, eval_chars=eval_chars))
 
     say("\n== 4. Merge: fold B A into W, save the adapter and the merged checkpoint")
     adapted = lora_res.model.cpu()

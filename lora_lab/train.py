@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import get_batch
+from .lora import lora_plus_parameters
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -87,6 +88,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     log_interval: int = 10  # read the loss from the device every this many steps (each read waits for it)
     keep_best: bool = False  # end with the weights of the best validation evaluation, not the last step's
+    # LoRA+ (Hayou et al. 2024): B (each variant's lora_plus_names) learns at this many times A's rate; None: off
+    lora_plus_ratio: float | None = None
 
     def __post_init__(self):
         for name in ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval"):
@@ -122,6 +125,9 @@ class TrainConfig:
         if not (self.fused_optimizer is None or isinstance(self.fused_optimizer, bool)):
             raise ValueError(f"TrainConfig.fused_optimizer must be True, False or None (automatic), "
                              f"got {self.fused_optimizer!r}.")
+        if self.lora_plus_ratio is not None and (not _is_finite_number(self.lora_plus_ratio) or self.lora_plus_ratio <= 0):
+            raise ValueError(f"TrainConfig.lora_plus_ratio must be None (off) or a finite number > 0 (LoRA+ "
+                             f"suggests 16), got {self.lora_plus_ratio!r}.")
         if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)}.")
 
@@ -140,28 +146,55 @@ def learning_rate_at(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
+class LoRAPlusAdamW(torch.optim.AdamW):
+    """AdamW whose parameter groups carry an `lr_scale`: each step uses group["lr"] * lr_scale. Any training
+    loop may set group["lr"] to the schedule's rate for every group; LoRA+'s ratio for B still holds."""
+
+    def step(self, closure=None):
+        scheduled = [g["lr"] for g in self.param_groups]
+        for g in self.param_groups:
+            g["lr"] = g["lr"] * g.get("lr_scale", 1.0)
+        try:
+            return super().step(closure)
+        finally:
+            for g, lr in zip(self.param_groups, scheduled):
+                g["lr"] = lr
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over trainable parameters; matrices get weight decay, vectors (biases, norms) do not.
+
+    With cfg.lora_plus_ratio (LoRA+), each LoRA layer's B (its variant's `lora_plus_names`) gets its own groups
+    with lr_scale = the ratio, applied at every step by LoRAPlusAdamW.
 
     fused_optimizer=None uses torch's fused AdamW wherever it runs (one kernel for all parameters instead of a
     dozen per tensor: 4x less optimizer time on this project's CPU, see benchmarks/RESULTS_pretrain.md)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters (every requires_grad is False).")
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    fast = {id(p) for p in lora_plus_parameters(model)} if cfg.lora_plus_ratio is not None else set()
+    if cfg.lora_plus_ratio is not None and not fast:
+        raise ValueError("TrainConfig.lora_plus_ratio is set, but the model has no LoRA B tensors to speed up "
+                         "(LoRA+ needs apply_lora first).")
+    groups = [  # lr_scale: the schedule's learning rate is multiplied by it (LoRA+: B's groups)
+        {"params": [p for p in params if p.dim() >= 2 and id(p) not in fast], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2 and id(p) not in fast], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2 and id(p) in fast], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2 and id(p) in fast], "weight_decay": 0.0},
     ]
+    for g in groups[2:]:
+        g["lr_scale"] = cfg.lora_plus_ratio
     groups = [g for g in groups if g["params"]]
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    adamw = torch.optim.AdamW if cfg.lora_plus_ratio is None else LoRAPlusAdamW
     if cfg.fused_optimizer is False:
-        return torch.optim.AdamW(groups, **kwargs)
+        return adamw(groups, **kwargs)
     try:
-        return torch.optim.AdamW(groups, **kwargs, fused=True)
+        return adamw(groups, **kwargs, fused=True)
     except (RuntimeError, TypeError) as err:  # this torch has no fused AdamW for these tensors' device or dtype
         if cfg.fused_optimizer:
             raise ValueError(f"TrainConfig.fused_optimizer=True, but this torch cannot fuse AdamW here: {err}") from None
-        return torch.optim.AdamW(groups, **kwargs)
+        return adamw(groups, **kwargs)
 
 
 @torch.no_grad()

@@ -25,7 +25,8 @@ import torch
 from matplotlib.figure import Figure
 
 from .finetune import finetune, finetune_config
-from .lora import LoRAConfig
+from .adapters import expected_shapes
+from .lora import VARIANTS, LoRAConfig, formula_value, variant_class
 from .model import GPT, GPTConfig, count_parameters_formula
 from .pretrained import PRESETS
 from .sampling import sample_text  # re-exported: the notebooks call widgets.sample_text
@@ -49,6 +50,15 @@ def format_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n:g} B"
+
+
+def storage_comparison(stored: int, full: int) -> str:
+    """How `stored` numbers compare with `full`: "8.0x fewer", "1.06x more" or "as many" (never "0.9x fewer")."""
+    if stored < full:  # two decimals near 1, where "1.0x fewer" would hide the difference
+        return f"{full / stored:.2f}x fewer" if full < 2 * stored else f"{full / stored:.1f}x fewer"
+    if stored > full:
+        return f"{stored / full:.2f}x more"
+    return "as many"
 
 
 def show_figure(out: W.Output, fig: Figure, description: str = "figure") -> None:
@@ -137,7 +147,8 @@ class LowRankExplorer(_Widget):
 
     Computed on every change: `r`, `approximation` (d x k), `error` (measured Frobenius norm of the
     difference), `predicted_error` (from the singular values alone), `relative_error`, `stored_numbers`
-    (r * (d + k): the two factors) and `compression` (d * k / stored_numbers).
+    (r * (d + k): the two factors) and `compression` (d * k / stored_numbers; below 1 once
+    r > dk/(d+k), where the two factors store more numbers than the matrix itself).
     """
 
     def __init__(self, matrix: torch.Tensor, r: int = 4, name: str = "matrix", as_image: bool = True):
@@ -170,7 +181,7 @@ class LowRankExplorer(_Widget):
         self.numbers.value = (
             f"rank {r}: error {self.error:.4f} (predicted from the singular values: {self.predicted_error:.4f}), "
             f"relative error {self.relative_error:.1%}; stores {self.stored_numbers:,} numbers instead of "
-            f"{d * k:,} ({self.compression:.1f}x fewer)"
+            f"{d * k:,} ({storage_comparison(self.stored_numbers, d * k)})"
         )
         self._draw()
 
@@ -185,7 +196,9 @@ class LowRankExplorer(_Widget):
         left.set_title(f"{self.name} at rank {self.r}")
         left.axis("off")
         index = list(range(1, len(self.S) + 1))
-        sigma = self.S.clamp_min(self.S[0] * 1e-12).tolist()  # exact zeros cannot go on a log axis
+        # A rank-deficient matrix has singular values that are zero in exact arithmetic but ~1e-16 * sigma_1
+        # in float64 (rounding); the floor keeps exact zeros on the log axis, so the plot bottoms out at 1e-12.
+        sigma = self.S.clamp_min(self.S[0] * 1e-12).tolist()
         right.semilogy(index, sigma, ".-", color="0.6", label="dropped")
         right.semilogy(index[: self.r], sigma[: self.r], "o", color="C0", label="kept")
         right.axvline(self.r + 0.5, color="C3", linestyle="--")
@@ -218,22 +231,26 @@ LINEAR_SHAPES = {
 PAPER_NAMES = {"q_proj": "Wq", "k_proj": "Wk", "v_proj": "Wv", "o_proj": "Wo", "up_proj": "W_up", "down_proj": "W_down"}
 
 
-def lora_params(d: int, k: int, r: int) -> int:
-    """Trainable numbers LoRA adds to one d x k matrix: B is d x r, A is r x k."""
-    return r * (d + k)
+def lora_params(d: int, k: int, r: int, variant: str = "lora") -> int:
+    """Trainable numbers a LoRA variant adds to one d x k matrix: r(d+k) for LoRA (B is d x r, A is r x k).
+    Read from the variant's own parameter formula, never re-typed here."""
+    return formula_value(variant_class(variant).parameter_formula, d, k, r)
 
 
-def transformer_lora_params(n_layer: int, d_model: int, r: int, targets) -> int:
+def transformer_lora_params(n_layer: int, d_model: int, r: int, targets, variant: str = "lora") -> int:
     """LoRA parameters for a GPT of this depth and width, with rank r on the named Linear layers per block."""
     unknown = set(targets) - set(LINEAR_SHAPES)
     if unknown:
         raise ValueError(f"Unknown target(s) {sorted(unknown)}; choose from {list(LINEAR_SHAPES)}.")
-    per_block = sum(lora_params(a * d_model, b * d_model, r) for a, b in (LINEAR_SHAPES[t] for t in targets))
+    per_block = sum(lora_params(a * d_model, b * d_model, r, variant)
+                    for a, b in (LINEAR_SHAPES[t] for t in targets))
     return n_layer * per_block
 
 
 class LoRAShapeCounter(_Widget):
-    """d, k and r in; out: `full_params` (d*k), `lora_params` (r*(d+k)) and `ratio` (full / lora)."""
+    """d, k and r in; out: `full_params` (d*k), `lora_params` (r*(d+k)), `ratio` (full / lora),
+    `break_even_rank` (dk/(d+k), where the two counts would be equal) and `last_saving_rank` (the largest
+    whole r with r(d+k) < dk; from `last_saving_rank + 1` on LoRA stores as many numbers or more)."""
 
     def __init__(self, d: int = 1024, k: int = 1024, r: int = 8):
         _slider_value("d", d, 16, 16384), _slider_value("k", k, 16, 16384), _slider_value("r", r, 1, 256)
@@ -253,15 +270,17 @@ class LoRAShapeCounter(_Widget):
         self.ratio = self.full_params / self.lora_params
         # Past r = d*k/(d+k) the "low-rank" update has more numbers than the matrix itself.
         self.break_even_rank = d * k / (d + k)
+        self.last_saving_rank = (d * k - 1) // (d + k)
         self.numbers.value = (
             f"full update: {self.full_params:,} numbers; LoRA: {self.lora_params:,} "
-            f"({self.ratio:,.1f}x fewer). LoRA stops saving anything at r = {self.break_even_rank:.0f}."
+            f"({storage_comparison(self.lora_params, self.full_params)}). LoRA saves up to "
+            f"r = {self.last_saving_rank}; from r = {self.last_saving_rank + 1} on it stores as many numbers or more."
         )
 
     def summary(self) -> str:
         return (
             f"LoRAShapeCounter(d={self.d.value}, k={self.k.value}, r={self.r.value}: "
-            f"{self.lora_params:,} vs {self.full_params:,}, {self.ratio:.1f}x fewer)"
+            f"{self.lora_params:,} vs {self.full_params:,}, {storage_comparison(self.lora_params, self.full_params)})"
         )
 
 
@@ -279,8 +298,10 @@ MODEL_SHAPES = {
 class ModelLoRACounter(_Widget):
     """A whole GPT: shape, rank and targets in; trainable parameters and checkpoint sizes out.
 
-    Computed: `base_params` (all weights of the GPT), `lora_params`, `fraction` (lora / base),
-    `full_checkpoint_bytes` and `adapter_bytes` (both at `bytes_per_param`, 2 for fp16).
+    Computed: `base_params` (all weights of the GPT), `lora_params`, `fraction` (lora / base: the base's
+    weights are the denominator, unlike `parameter_report`'s trainable_fraction, which divides by base + LoRA),
+    `full_checkpoint_bytes` and `adapter_bytes` (both at `bytes_per_param`: 2 for fp16, as the paper's
+    350 GB; lora_lab itself saves fp32, 4).
     """
 
     def __init__(self, model: str = "GPT-3 175B", r: int = 4, targets=("q_proj", "v_proj"), bytes_per_param: int = 2):
@@ -327,8 +348,9 @@ class ModelLoRACounter(_Widget):
         names = ", ".join(PAPER_NAMES[t] for t in self.targets.value) or "nothing"
         self.numbers.value = (
             f"{format_count(self.base_params)} weights; LoRA r={self.r.value} on {names}: "
-            f"{format_count(self.lora_params)} trainable ({self.fraction:.4%}). Checkpoint "
-            f"{format_bytes(self.full_checkpoint_bytes)} vs adapter {format_bytes(self.adapter_bytes)}."
+            f"{format_count(self.lora_params)} trainable ({self.fraction:.4%} of the base's weights). Checkpoint "
+            f"{format_bytes(self.full_checkpoint_bytes)} vs adapter {format_bytes(self.adapter_bytes)} at "
+            f"{self.bytes_per_param} bytes per weight{ {2: ' (fp16)', 4: ' (fp32)'}.get(self.bytes_per_param, '')}."
         )
 
     def summary(self) -> str:
@@ -602,14 +624,17 @@ class SettingResult:
     optimizer_bytes: int  # what training adds per trainable weight: its gradient and AdamW's two moments
     target_loss: float
     source_loss: float
+    variant: str = "lora"
 
     @property
     def label(self) -> str:
-        return "full FT" if self.r is None else f"r={self.r} {'+'.join(self.groups)}"
+        if self.r is None:
+            return "full FT"
+        return f"{'' if self.variant == 'lora' else self.variant + ' '}r={self.r} {'+'.join(self.groups)}"
 
 
 class RankDashboard(_Widget):
-    """Rank and target matrices in; trainable parameters, adapter size, optimizer memory and quality out.
+    """Rank, target matrices and LoRA variant in; trainable parameters, adapter size, optimizer memory and quality out.
 
     Quality is the target-domain validation loss after a short fine-tune, computed once per setting and
     cached, so moving a control back to a setting already seen is instant (`from_cache` tells which).
@@ -621,7 +646,8 @@ class RankDashboard(_Widget):
 
     def __init__(self, base_model: GPT, task=None, tokenizer=None, train_config: TrainConfig | None = None,
                  ranks=(1, 2, 4, 8, 16), r: int = 4, groups=("Wq", "Wv"), alpha: float = 16.0,
-                 evaluate=None, include_full: bool = True, full_train_config: TrainConfig | None = None):
+                 evaluate=None, include_full: bool = True, full_train_config: TrainConfig | None = None,
+                 variant: str = "lora"):
         ranks = sorted(set(ranks))
         if not ranks or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in ranks):
             raise ValueError(f"ranks must be positive integers, got {ranks!r}.")
@@ -632,6 +658,8 @@ class RankDashboard(_Widget):
         unknown = set(groups) - set(TARGET_GROUPS)
         if unknown:
             raise ValueError(f"Unknown target group(s) {sorted(unknown)}; choose from {list(TARGET_GROUPS)}.")
+        if variant not in VARIANTS:
+            raise ValueError(f"Unknown LoRA variant {variant!r}; registered: {sorted(VARIANTS)}.")
         if evaluate is None and (task is None or tokenizer is None):
             raise ValueError("RankDashboard needs a task and a tokenizer to fine-tune (or an evaluate function).")
         self.base_model, self.task, self.tokenizer = base_model, task, tokenizer
@@ -653,22 +681,24 @@ class RankDashboard(_Widget):
         self.rank = W.SelectionSlider(options=ranks, value=r, description="rank r", continuous_update=False)
         self.targets = W.SelectMultiple(options=list(TARGET_GROUPS), value=tuple(groups), description="targets",
                                         rows=len(TARGET_GROUPS))
+        self.variant = W.Dropdown(options=list(VARIANTS), value=variant, description="variant")
         self.numbers = W.HTML()
         self.plot = W.Output()
-        self.widget = W.VBox([W.HBox([self.rank, self.targets]), self.numbers, self.plot])
+        self.widget = W.VBox([W.HBox([self.rank, self.targets, self.variant]), self.numbers, self.plot])
         if include_full:
             self.full = self._result(None, ())
         else:
             self.full = None
         self.rank.observe(self._update, names="value")
         self.targets.observe(self._update, names="value")
+        self.variant.observe(self._update, names="value")
         self._update()
 
     # --- computing one setting -------------------------------------------------------------------
 
-    def lora_config(self, r: int, groups) -> LoRAConfig:
+    def lora_config(self, r: int, groups, variant: str | None = None) -> LoRAConfig:
         targets = tuple(t for g in TARGET_GROUPS if g in groups for t in TARGET_GROUPS[g])
-        return LoRAConfig(r=r, alpha=self.alpha, targets=targets)
+        return LoRAConfig(r=r, alpha=self.alpha, targets=targets, variant=variant or self.variant.value)
 
     def _finetune(self, lora: LoRAConfig | None) -> dict[str, float]:
         cfg = self.train_config if lora is not None else self.full_train_config
@@ -678,29 +708,33 @@ class RankDashboard(_Widget):
         self.base_losses = dict(res.base_losses)
         return res.losses
 
-    def _result(self, r: int | None, groups) -> SettingResult:
+    def _result(self, r: int | None, groups, variant: str | None = None) -> SettingResult:
         groups = tuple(g for g in TARGET_GROUPS if g in groups)  # canonical order: the cache key
-        key = (r, groups)
+        variant = None if r is None else (variant or self.variant.value)
+        key = (r, groups) if variant in (None, "lora") else (r, groups, variant)
         self.from_cache = key in self.results
         if not self.from_cache:
-            config = None if r is None else self.lora_config(r, groups)
+            config = None if r is None else self.lora_config(r, groups, variant)
             losses = self._evaluate(config)
             if r is None:
                 trainable = self.base_params
                 stored = trainable * FP32_BYTES
             else:
                 cfg = self.base_model.config
-                trainable = transformer_lora_params(cfg.n_layer, cfg.n_embd, r, config.targets)
-                stored = trainable * FP32_BYTES
+                trainable = transformer_lora_params(cfg.n_layer, cfg.n_embd, r, config.targets, variant)
+                # what the adapter file holds: the trainable tensors plus a variant's saved frozen ones
+                with torch.device("meta"):
+                    shapes = expected_shapes(GPT(cfg), config)
+                stored = sum(math.prod(shape) for shape in shapes.values()) * FP32_BYTES
             self.results[key] = SettingResult(r, groups, trainable, stored, trainable * 3 * FP32_BYTES,
-                                              float(losses["target"]), float(losses["source"]))
+                                              float(losses["target"]), float(losses["source"]), variant or "lora")
             self.fine_tunes += 1
         return self.results[key]
 
     def compute_all(self, settings) -> None:
-        """Fill the cache for (r, groups) pairs, e.g. to draw the whole trade-off before exploring."""
-        for r, groups in settings:
-            self._result(r, groups)
+        """Fill the cache for (r, groups) or (r, groups, variant) settings, e.g. to draw the whole trade-off."""
+        for setting in settings:
+            self._result(*setting)
         self._draw()
 
     # --- the widget ------------------------------------------------------------------------------
@@ -711,7 +745,7 @@ class RankDashboard(_Widget):
             self.numbers.value = f"<b>{self.error}</b>"
             return
         self.error = ""
-        self.current = self._result(self.rank.value, self.targets.value)
+        self.current = self._result(self.rank.value, self.targets.value, self.variant.value)
         c = self.current
         self.numbers.value = (
             f"<b>{c.label}</b>: {c.trainable_params:,} trainable parameters "

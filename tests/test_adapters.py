@@ -80,7 +80,8 @@ def test_adapter_files_hold_only_lora_tensors(tmp_path):
         assert torch.equal(tensors[f"{n}.lora_A"], layer.lora_A) and torch.equal(tensors[f"{n}.lora_B"], layer.lora_B)
     meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert meta["lora_config"] == {"r": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"], "dropout": 0.0,
-                                   "init": "gaussian", "trainable": []}
+                                   "init": "gaussian", "trainable": [], "variant": "lora", "options": {}}
+    assert meta["variant"] == "lora"
     assert meta["scaling"] == "alpha/r" and meta["base_fingerprint"] == TINY.fingerprint()
     assert {m["name"]: (m["lora_A"], m["lora_B"]) for m in meta["modules"]} == {
         n: ([4, 32], [32, 4]) for n in layers}

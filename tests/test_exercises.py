@@ -6,7 +6,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from lora_lab import exercises, widgets
+from lora_lab import LoRALinear, exercises, merge_lora, unmerge_lora, widgets
 from lora_lab.model import count_parameters_formula
 
 
@@ -157,3 +157,165 @@ def test_a_value_instead_of_a_function_is_explained():
     report = exercises.check_break_even_rank(42)
     assert not report.ok
     assert "expected your function (or class) itself, got a int" in str(report) and "without calling it" in str(report)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The chapters' stubs, and the exercises that train or measure something
+
+
+def _stub(*args):
+    raise NotImplementedError
+
+
+def test_a_stub_is_reported_as_unanswered_not_as_failures():
+    report = exercises.check_rank_for_energy(_stub)
+    assert report.unanswered and not report.ok
+    assert "not answered yet" in str(report) and "solutions.ipynb" in str(report) and "FAIL" not in str(report)
+    half = exercises.check_rank_for_energy(lambda S, f: _stub() if f > 0.9 else 1)
+    assert not half.unanswered  # a partly written answer gets the full report
+    assert "FAIL" in str(half)
+
+
+def _smallest_rank_below(W, limit):
+    norm = torch.linalg.matrix_norm(W)
+    for r in range(min(W.shape) + 1):
+        if torch.linalg.matrix_norm(W - widgets.low_rank_approximation(W, r)) / norm < limit:
+            return r
+
+
+def test_check_smallest_rank_below():
+    assert exercises.check_smallest_rank_below(_smallest_rank_below).ok
+    not_strict = exercises.check_smallest_rank_below(lambda W, limit: _smallest_rank_below(W, limit) + 1)
+    assert not not_strict.ok and "one too many" in failures(not_strict)
+
+    def by_sigma(W, limit):  # compares sigma_r / sigma_1 with the limit instead of measuring the error
+        S = torch.linalg.svdvals(W)
+        return int((S / S[0] < limit).nonzero()[0])
+
+    assert not exercises.check_smallest_rank_below(by_sigma).ok
+
+
+def _trainable_share(model):
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
+
+
+def test_check_trainable_share():
+    assert exercises.check_trainable_share(_trainable_share).ok
+
+    def over_frozen(model):  # the other denominator: the frozen base only
+        params = list(model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        return trainable / max(1, sum(p.numel() for p in params) - trainable)
+
+    report = exercises.check_trainable_share(over_frozen)
+    assert not report.ok and "divides by the frozen base only" in failures(report)
+    percent = exercises.check_trainable_share(lambda m: 100 * _trainable_share(m))
+    assert not percent.ok and "not a percentage" in failures(percent)
+
+
+def _whole_text_loss(model, tokens):
+    block = model.config.block_size
+    n = (len(tokens) - 1) // block
+    model.eval()
+    with torch.no_grad():
+        return model(tokens[: n * block].view(n, block), tokens[1 : n * block + 1].view(n, block))[1].item()
+
+
+def test_check_whole_text_loss():
+    assert exercises.check_whole_text_loss(_whole_text_loss).ok
+
+    def in_train_mode(model, tokens):  # dropout stays on: a noisy, wrong measurement
+        block = model.config.block_size
+        n = (len(tokens) - 1) // block
+        return model(tokens[: n * block].view(n, block), tokens[1 : n * block + 1].view(n, block))[1].item()
+
+    def overlapping(model, tokens):  # every start position: a different average
+        block = model.config.block_size
+        starts = range(len(tokens) - block)
+        x = torch.stack([tokens[i : i + block] for i in starts])
+        y = torch.stack([tokens[i + 1 : i + block + 1] for i in starts])
+        model.eval()
+        with torch.no_grad():
+            return model(x, y)[1].item()
+
+    assert not exercises.check_whole_text_loss(in_train_mode).ok
+    assert not exercises.check_whole_text_loss(overlapping).ok
+
+
+def _fit_lora(base, target, r, steps, lr=1e-2):
+    layer = LoRALinear(base.requires_grad_(False), r=r, alpha=r)
+    optimizer = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=lr)
+    for _ in range(steps):
+        x = torch.randn(64, base.in_features)
+        loss = nn.functional.mse_loss(layer(x), target(x).detach())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return layer
+
+
+def test_check_fit_lora():
+    assert exercises.check_fit_lora(_fit_lora).ok
+    untrained = exercises.check_fit_lora(lambda base, target, r, steps: _fit_lora(base, target, r, 0))
+    assert not untrained.ok and "off the change" in failures(untrained)
+
+    def trains_the_base_too(base, target, r, steps):
+        layer = _fit_lora(base, target, r, steps)
+        with torch.no_grad():
+            layer.base.weight.add_(0.01)
+        return layer
+
+    moved = exercises.check_fit_lora(trains_the_base_too)
+    assert not moved.ok and "base weight changed" in failures(moved)
+
+
+def _gradient_bytes(model, x, y):
+    model(x, y)[1].backward()
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+
+
+def test_check_gradient_bytes():
+    assert exercises.check_gradient_bytes(_gradient_bytes).ok
+
+    def every_weight(model, x, y):
+        model(x, y)[1].backward()
+        return sum(4 * p.numel() for p in model.parameters())
+
+    report = exercises.check_gradient_bytes(every_weight)
+    assert not report.ok and "frozen weights get no .grad" in failures(report)
+    no_backward = exercises.check_gradient_bytes(lambda model, x, y: sum(4 * p.numel() for p in model.parameters() if p.requires_grad))
+    assert not no_backward.ok  # the number is right, but nothing was measured: no .grad exists
+
+
+def _merge_difference(model, x):
+    with torch.no_grad():
+        before = model(x)[0]
+        merge_lora(model)
+        after = model(x)[0]
+        unmerge_lora(model)
+    return (after - before).abs().max().item()
+
+
+def test_check_merge_difference():
+    assert exercises.check_merge_difference(_merge_difference).ok
+
+    def leaves_it_merged(model, x):
+        with torch.no_grad():
+            before = model(x)[0]
+            merge_lora(model)
+            return (model(x)[0] - before).abs().max().item()
+
+    report = exercises.check_merge_difference(leaves_it_merged)
+    assert not report.ok and "left merged" in failures(report)
+    never_merged = exercises.check_merge_difference(lambda model, x: 0.0)
+    assert not never_merged.ok
+
+
+def test_check_update_norm():
+    def right(layer):
+        return torch.linalg.matrix_norm(layer.scale * layer.lora_B @ layer.lora_A).item()
+
+    assert exercises.check_update_norm(right).ok
+    unscaled = exercises.check_update_norm(lambda layer: torch.linalg.matrix_norm(layer.lora_B @ layer.lora_A).item())
+    assert not unscaled.ok and "scaled by alpha / r" in failures(unscaled)

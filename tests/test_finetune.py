@@ -6,13 +6,15 @@ import torch
 
 from lora_lab import GPT, CharTokenizer, GPTConfig, LoRAConfig, TrainConfig, train
 from lora_lab.finetune import (
-    FINETUNE_DEFAULTS, compare_methods, encode_task, finetune, finetune_config, format_table, rank_sweep, task_losses,
+    DEFAULT_TARGETS, FINETUNE_DEFAULTS, FULL_LEARNING_RATE, LORA_LEARNING_RATE, compare_methods, default_lora_config,
+    encode_task, finetune, finetune_config, format_table, plot_loss_curves, rank_sweep, task_losses,
 )
+from lora_lab.protocol import default_alpha, protocol_train_config
 from lora_lab.lora import LoRALinear, lora_layers
 from lora_lab.tasks import make_task, source_domain
 from test_tasks import write_synthetic_corpus
 
-EVAL = dict(eval_batch_size=16, eval_iters=8)  # small, fixed evaluation batches: fast and still comparable
+EVAL = dict(eval_chars=400)  # the exact loss of a short fixed text: fast and still comparable
 
 
 def quick(full: bool = False, **overrides) -> TrainConfig:
@@ -60,10 +62,14 @@ def test_lora_lowers_the_target_loss_below_the_base(setup):
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
     res = finetune(base, task, tokenizer, LoRAConfig(r=4, alpha=8.0), quick(), progress=False, **EVAL)
-    # The base's losses are measured on the same fixed batches as the fine-tuned model's.
+    # The base's and the fine-tuned model's losses are the curve's first and last points, by one estimator.
     data = encode_task(task, tokenizer)
-    assert res.base_losses == task_losses(base, data, 16, 8)
-    assert res.losses == task_losses(res.model, data, 16, 8)
+    assert res.base_losses == task_losses(base, data, 400)
+    assert res.losses == task_losses(res.model, data, 400)
+    assert [p["step"] for p in res.curve] == [0, 20, 40, 60, 80]
+    assert res.curve[0]["target"] == res.base_losses["target"] and res.curve[-1]["source"] == res.losses["source"]
+    assert [e["val"] for e in res.history.evals] == [p["target"] for p in res.curve]
+    assert res.target_accuracy > res.curve[0]["target_accuracy"]
     assert res.losses["target"] < res.base_losses["target"] - 0.3, (res.losses, res.base_losses)
     # Only A and B trained: every pretrained weight of the fine-tuned copy is still the base's.
     layers = lora_layers(res.model)
@@ -102,7 +108,7 @@ def test_same_seed_same_result_and_another_seed_differs(setup):
     state_a, state_b = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert c.history.losses != a.history.losses
-    assert a.base_losses == c.base_losses  # the evaluation batches do not depend on the training seed
+    assert a.base_losses == c.base_losses  # the evaluation text does not depend on the training seed
 
 
 def test_compare_methods_table(setup):
@@ -161,9 +167,24 @@ def test_bad_input_is_refused_before_any_work(setup, tmp_path):
 def test_finetune_config_defaults_and_short_runs():
     assert finetune_config() == FINETUNE_DEFAULTS["lora"]
     assert finetune_config(full=True).learning_rate < finetune_config().learning_rate
+    # the defaults are the protocol's seed-0 runs at the chosen rates: LoRA without weight decay, full with 0.1
+    assert finetune_config() == protocol_train_config(False, LORA_LEARNING_RATE, seed=0, device="auto")
+    assert finetune_config(full=True) == protocol_train_config(True, FULL_LEARNING_RATE, seed=0, device="auto")
     short = finetune_config(max_iters=40)
-    assert short.max_iters == 40 and short.warmup_iters == 4 and short.eval_interval == 3
+    assert short.max_iters == 40 and short.warmup_iters == 4
     assert finetune_config(max_iters=20, warmup_iters=0).warmup_iters == 0
+    assert finetune_config(learning_rate=1e-2).min_lr == pytest.approx(1e-3)
+    assert finetune_config(learning_rate=1e-2, min_lr=0.0).min_lr == 0.0
+
+
+def test_one_alpha_rule_everywhere():
+    assert default_lora_config() == LoRAConfig(r=8, alpha=16.0, targets=DEFAULT_TARGETS)
+    assert default_lora_config(4).alpha == 8.0 and default_alpha(16) == 32.0
+    assert default_lora_config(4, alpha=3.0).alpha == 3.0
+    import inspect
+
+    assert inspect.signature(finetune).parameters["lora"].default == default_lora_config()
+    assert inspect.signature(rank_sweep).parameters["alpha"].default is None  # None: 2 r per rank
 
 
 def test_format_table():
@@ -191,9 +212,10 @@ def test_rank_sweep_refuses_a_folder_of_other_files_before_training(setup, tmp_p
 def test_rank_sweep_takes_one_target_name_as_a_string(setup):
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
-    sweep = rank_sweep(base, task, tokenizer, [1], "q_proj", 2.0, quick(max_iters=2), progress=False,
-                       eval_batch_size=4, eval_iters=1)
+    sweep = rank_sweep(base, task, tokenizer, [1, 2], "q_proj", None, quick(max_iters=2), progress=False,
+                       eval_chars=100)
     assert sweep.rows[0]["targets"] == ["q_proj"] and sweep.rows[0]["trainable_params"] == 2 * (32 + 32)
+    assert [row["alpha"] for row in sweep.rows] == [2.0, 4.0]  # alpha None: 2 r for every rank
 
 
 @pytest.mark.parametrize(
@@ -201,8 +223,8 @@ def test_rank_sweep_takes_one_target_name_as_a_string(setup):
     [
         ({"lora": "r=4"}, ValueError, "lora must be a LoRAConfig"),
         ({"train_config": {"max_iters": 3}}, TypeError, "train_config must be a TrainConfig"),
-        ({"eval_iters": 0}, ValueError, "eval_iters must be a positive integer, got 0"),
-        ({"eval_batch_size": 2.5}, ValueError, "eval_batch_size must be a positive integer"),
+        ({"eval_chars": 0}, ValueError, "eval_chars must be a positive integer .*got 0"),
+        ({"curve_points": 1}, ValueError, "curve_points must be an integer >= 2"),
         ({"tokenizer": "abc"}, TypeError, "tokenizer must be a CharTokenizer"),
     ],
 )

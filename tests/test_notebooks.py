@@ -19,6 +19,19 @@ CHAPTERS = [
     "06_merging_and_hot_swapping",
     "07_rank_explorer",
 ]
+# Not a numbered chapter: the worked solutions of every chapter's checked exercises.
+SOLUTIONS = NOTEBOOKS / "solutions.ipynb"
+# Each chapter has at least one checked exercise that trains or measures something; these are they.
+MEASURING_EXERCISES = {
+    "01_low_rank": "check_smallest_rank_below",
+    "02_parameter_counts": "check_trainable_share",
+    "03_gpt_from_scratch": "check_whole_text_loss",
+    "04_lora_from_scratch": "check_fit_lora",
+    "05_training_on_gpu": "check_gradient_bytes",
+    "06_merging_and_hot_swapping": "check_merge_difference",
+    "07_rank_explorer": "check_update_norm",
+}
+CHECKER_CALL = re.compile(r"exercises\.(check_\w+)\(")
 IGNORE = "# NBVAL_IGNORE_OUTPUT"
 # Text that differs between runs and so may not appear in a compared output.
 VOLATILE = [
@@ -69,7 +82,14 @@ def notebook(request):
     return request.param, load(request.param)
 
 
-def test_executed_in_order_without_errors(notebook):
+@pytest.fixture(params=numbered_notebooks() + [SOLUTIONS], ids=lambda p: p.stem)
+def any_notebook(request):
+    """The chapters and the solutions notebook: everything nbval runs."""
+    return request.param, load(request.param)
+
+
+def test_executed_in_order_without_errors(any_notebook):
+    notebook = any_notebook
     path, nb = notebook
     counts = []
     for i, cell in enumerate(code_cells(nb)):
@@ -101,7 +121,53 @@ def test_ends_with_self_checked_exercises(notebook):
     assert not later_sections, f"{path.name}: sections after the exercises: {later_sections}"
     checks = [c for c in tail if c["cell_type"] == "code" and "exercises.check_" in source(c)]
     assert checks, f"{path.name}: the exercises never call a lora_lab.exercises checker"
-    assert all("assert" in source(c) for c in checks), f"{path.name}: a checked solution does not assert its report"
+    assert all("assert" in source(c) for c in checks), f"{path.name}: a checked exercise does not assert its report"
+
+
+def exercise_check_cells(nb) -> list[dict]:
+    cells = nb["cells"]
+    start = max(i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and "## Exercises" in source(c))
+    return [c for c in cells[start:] if c["cell_type"] == "code" and "exercises.check_" in source(c)]
+
+
+def test_exercises_are_stubs_not_worked_solutions(notebook):
+    path, nb = notebook
+    for cell in exercise_check_cells(nb):
+        text = source(cell)
+        defined = re.findall(r"^(?:def|class) (\w+)", text, re.M)
+        stubs = len(re.findall(r"raise NotImplementedError", text))
+        assert defined and stubs >= len(defined), (
+            f"{path.name}: an exercise cell defines {defined} but does not leave them as NotImplementedError stubs "
+            f"(worked solutions belong in solutions.ipynb):\n{text[:300]}"
+        )
+        printed = "".join(output_text(o) for o in cell["outputs"])
+        assert "not answered yet" in printed, f"{path.name}: the committed stub's report is not 'not answered yet'"
+
+
+def test_every_chapter_has_a_checked_exercise_that_trains_or_measures(notebook):
+    path, nb = notebook
+    checker = MEASURING_EXERCISES[path.stem]
+    called = {name for c in exercise_check_cells(nb) for name in CHECKER_CALL.findall(source(c))}
+    assert checker in called, f"{path.name}: its exercises never call {checker} (an exercise that trains or measures)"
+
+
+def test_solutions_notebook_solves_every_checked_exercise():
+    assert SOLUTIONS.is_file(), "notebooks/solutions.ipynb is missing"
+    solutions = load(SOLUTIONS)
+    assert re.search(r"^\s*(import lora_lab|from lora_lab)", "\n".join(source(c) for c in code_cells(solutions)), re.M)
+    solved = {}
+    for cell in code_cells(solutions):
+        for name in CHECKER_CALL.findall(source(cell)):
+            solved[name] = cell
+    in_chapters = {name for path in numbered_notebooks() for c in exercise_check_cells(load(path))
+                   for name in CHECKER_CALL.findall(source(c))}
+    missing = sorted(in_chapters - set(solved))
+    assert not missing, f"solutions.ipynb has no worked solution for {missing}"
+    for name in in_chapters:
+        cell = solved[name]
+        assert re.search(r"^assert report\.ok$", source(cell), re.M), f"solutions.ipynb: {name}'s cell does not assert report.ok"
+        printed = "".join(output_text(o) for o in cell["outputs"])
+        assert re.search(r"all \d+ checks passed", printed), f"solutions.ipynb: {name}'s committed report did not pass"
 
 
 def test_has_one_scale_setting_at_the_top(notebook):
@@ -121,8 +187,8 @@ def test_ignored_cells_assert_and_are_a_minority(notebook):
     assert 2 * len(ignored) <= len(cells), f"{path.name}: {len(ignored)} of {len(cells)} code cells are ignored"
 
 
-def test_compared_outputs_are_stable(notebook):
-    path, nb = notebook
+def test_compared_outputs_are_stable(any_notebook):
+    path, nb = any_notebook
     for i, cell in enumerate(code_cells(nb)):
         if is_ignored(cell):
             continue

@@ -121,8 +121,10 @@ def test_import_refuses_unsupported_or_corrupt(tmp_path):
     model = tiny_gpt()
     before = snapshot(model)
     for edit, error, message in [
-        ({"use_dora": True}, LoRAError, r"PEFT options lora_lab does not implement: \{'use_dora': True\}"),
-        ({"use_rslora": True}, LoRAError, "'use_rslora': True"),
+        # use_dora selects lora_lab's dora variant, which needs the magnitude vectors this file lacks
+        ({"use_dora": True}, CorruptFileError, r"missing tensors \['blocks.0.attn.q_proj.lora_magnitude'"),
+        ({"rank_pattern": {"q_proj": 4}}, LoRAError, r"PEFT options lora_lab does not implement: \{'rank_pattern'"),
+        ({"use_qalora": True}, LoRAError, "'use_qalora': True"),
         ({"peft_type": "IA3"}, CorruptFileError, "not a PEFT LoRA config"),
         ({"r": 0}, CorruptFileError, "rank r must be a positive integer"),
         ({"r": 3}, LoRAError, r"has shape \(2, 32\), this model needs \(3, 32\)"),

@@ -12,7 +12,7 @@ import pytest
 
 from lora_lab import load_splits
 from lora_lab.tasks import (
-    ROMEO_JULIET_ONLY, make_task, play_span, source_domain, speaker_of, split_turns,
+    METRICS, ROMEO_JULIET_ONLY, TASKS, Task, make_task, play_span, rot13_text, source_domain, speaker_of, split_turns,
 )
 
 
@@ -44,7 +44,7 @@ def splits(tmp_path_factory):
 
 
 def test_tasks_are_deterministic(splits):
-    for name in ("romeo_juliet", "shout"):
+    for name in TASKS:
         assert make_task(name, splits) == make_task(name, dict(splits))
 
 
@@ -89,17 +89,17 @@ def test_shout_is_exactly_the_source_domain_in_upper_case(splits):
 
 def test_every_task_character_is_in_the_dataset_vocabulary(splits):
     vocab = set("".join(splits.values()))
-    for name in ("romeo_juliet", "shout"):
+    for name in TASKS:
         task = make_task(name, splits)
         assert set(task.train + task.validation + task.source_validation) <= vocab
 
 
 def test_unknown_task_is_a_clear_error(splits):
-    with pytest.raises(ValueError, match="Unknown task 'hamlet'.*romeo_juliet.*shout"):
+    with pytest.raises(ValueError, match="Unknown task 'hamlet'.*romeo_juliet.*rot13.*shout"):
         make_task("hamlet", splits)
 
 
-@pytest.mark.parametrize("name", ["romeo_juliet", "shout"])
+@pytest.mark.parametrize("name", ["romeo_juliet", "shout", "rot13"])
 def test_missing_or_empty_splits_are_named(name):
     with pytest.raises(ValueError, match=r"splits\['validation'\] is missing or empty"):
         make_task(name, {"train": "ROMEO:\nhi\n\n"})
@@ -122,3 +122,23 @@ def test_a_task_with_an_empty_text_is_refused():
         Task("x", "d", train="abc", validation="", source_validation="abc")
     with pytest.raises(ValueError, match="Unknown task"):
         make_task(["shout"], {"train": "a", "validation": "b"})
+
+
+def test_rot13_is_the_source_domain_in_a_shifted_alphabet(splits):
+    task = make_task("rot13", splits)
+    source = source_domain(splits)
+    assert rot13_text("Hello, World! Zz") == "Uryyb, Jbeyq! Mm"
+    assert rot13_text(task.train) == source["train"] and rot13_text(task.validation) == source["validation"]
+    assert task.source_validation == source["validation"]
+    # the layout survives (speeches, line breaks, punctuation), the words do not
+    assert [len(t) for t in split_turns(task.validation)] == [len(t) for t in split_turns(source["validation"])]
+    assert task.metric == "char_accuracy" and task.metric in METRICS
+
+
+def test_every_task_says_what_it_tests_and_names_a_known_metric(splits):
+    for name in TASKS:
+        task = make_task(name, splits)
+        assert task.name == name and len(task.description) > 40
+        assert task.metric is None or task.metric in METRICS
+    with pytest.raises(ValueError, match="unknown metric 'bleu'"):
+        Task("x", "d", train="abc", validation="abc", source_validation="abc", metric="bleu")

@@ -318,3 +318,11 @@ def test_cuda_activation_checkpointing_lowers_peak_memory():
         peaks[ckpt] = torch.cuda.max_memory_allocated()
         del model
     assert peaks[True] < 0.8 * peaks[False]
+
+
+def test_too_little_data_is_refused_before_the_model_is_touched(tiny_config):
+    model = GPT(tiny_config)
+    before = _params(model)
+    with pytest.raises(ValueError, match="Need more than block_size=16 tokens"):
+        train(model, _data(10), None, TrainConfig(**FAST), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and model.training

@@ -86,6 +86,23 @@ def test_low_rank_explorer_follows_the_slider():
     assert "rank 12" in explorer.summary()
 
 
+def test_low_rank_explorer_says_more_not_fewer_past_the_break_even_rank():
+    explorer = widgets.LowRankExplorer(torch.randn(96, 96), r=47, as_image=False)
+    assert explorer.numbers.value.endswith("stores 9,024 numbers instead of 9,216 (1.02x fewer)")
+    explorer.rank.value = 48  # 48 * (96 + 96) == 96 * 96
+    assert explorer.numbers.value.endswith("stores 9,216 numbers instead of 9,216 (as many)")
+    explorer.rank.value = 51  # 9,792 numbers: more than the matrix, never "0.9x fewer"
+    assert explorer.numbers.value.endswith("stores 9,792 numbers instead of 9,216 (1.06x more)")
+    assert explorer.compression < 1
+
+
+def test_storage_comparison_words():
+    assert widgets.storage_comparison(2048, 16384) == "8.0x fewer"
+    assert widgets.storage_comparison(16384, 16384) == "as many"
+    assert widgets.storage_comparison(9792, 9216) == "1.06x more"
+    assert widgets.storage_comparison(9024, 9216) == "1.02x fewer"
+
+
 def test_low_rank_explorer_rejects_a_vector():
     with pytest.raises(ValueError, match="2-D"):
         widgets.LowRankExplorer(torch.zeros(5))
@@ -104,6 +121,18 @@ def test_shape_counter():
     assert counter.full_params == 4096 * 1024 and counter.lora_params == 16 * 5120
     assert math.isclose(counter.break_even_rank, 4096 * 1024 / 5120)
     assert f"{counter.lora_params:,}" in counter.numbers.value
+
+
+@pytest.mark.parametrize("d, k", [(4096, 1024), (128, 128), (16, 48), (1024, 1024)])
+def test_shape_counter_last_saving_rank_is_exact(d, k):
+    counter = widgets.LoRAShapeCounter(d=d, k=k, r=1)
+    last = counter.last_saving_rank
+    assert last * (d + k) < d * k <= (last + 1) * (d + k)  # r = last still saves, last + 1 does not
+    assert f"LoRA saves up to r = {last}; from r = {last + 1} on" in counter.numbers.value
+    if last + 1 <= counter.r.max:
+        counter.r.value = last + 1
+        assert "fewer" not in counter.numbers.value.split(".")[0]
+    assert (4096 * 1024 - 1) // 5120 == 819  # the case chapter 2 prints: 819 saves, 820 does not
 
 
 @pytest.mark.parametrize(

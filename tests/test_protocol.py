@@ -1,0 +1,232 @@
+"""The comparison protocol: the exact estimator, the training loop it shares with train(), the learning-rate
+sweep, seeds and spreads, the noise line and the run cache. Runs on the tiny synthetic base of test_finetune."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_lab import GPT, LoRAConfig, apply_lora, train
+from lora_lab.files import CorruptFileError
+from lora_lab.protocol import (
+    Comparison, Method, MethodResult, Run, above_noise, compare, curve_steps, delta_norm_rows, encode,
+    equal_budget_ranks, full_method, lora_method, lr_ratio, mean_spread, plot_comparison, protocol_train_config,
+    run_once, runs_dir, split_scores, task_scores, train_with_curve,
+)
+from lora_lab.tasks import make_task
+from test_finetune import setup  # noqa: F401 (the module-scoped synthetic base)
+
+SHORT = dict(steps=12, eval_chars=600)
+
+
+def test_split_scores_is_the_exact_loss_of_every_character_once(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    T = tiny_config.block_size
+    tokens = torch.randint(tiny_config.vocab_size, (3 * T + 7,))  # 3 full windows and a 6-character tail
+    logits = torch.cat([model(tokens[i: i + T][None])[0][0] for i in range(0, 3 * T, T)]
+                       + [model(tokens[3 * T: -1][None])[0][0]])  # (len - 1, vocab)
+    targets = tokens[1:]
+    scores = split_scores(model, tokens, eval_chars=None)
+    assert scores["loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+    assert scores["accuracy"] == pytest.approx((logits.argmax(-1) == targets).float().mean().item())
+    # eval_chars keeps a prefix: the score of the first 2 windows only
+    assert split_scores(model, tokens, eval_chars=2 * T)["loss"] == pytest.approx(
+        F.cross_entropy(logits[: 2 * T], targets[: 2 * T]).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        split_scores(model, tokens[:1])
+
+
+def test_the_curve_loop_trains_exactly_like_train_and_starts_at_the_base(setup):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    data = encode(task, tokenizer)
+    cfg = protocol_train_config(False, 5e-3, seed=3, steps=20)
+    models = []
+    for _ in range(2):
+        model = GPT(base.config)
+        model.load_state_dict(base.state_dict())
+        torch.manual_seed(cfg.seed)
+        apply_lora(model, LoRAConfig(r=2, alpha=4.0))
+        models.append(model)
+    trained = train_with_curve(models[0], data, cfg, eval_chars=500)
+    curve = trained.curve
+    history = train(models[1], data["train"], data["target"], cfg, progress=False)
+    assert trained.step_losses == history.losses
+    a, b = models[0].state_dict(), models[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same weights as train() gives
+    assert [p["step"] for p in curve] == curve_steps(20) == [0, 5, 10, 15, 20]
+    base_scores = task_scores(base, data, eval_chars=500)
+    assert curve[0] == {"step": 0, **base_scores}  # B = 0: step 0 is the base, exactly
+    assert curve[-1] == {"step": 20, **task_scores(models[0], data, eval_chars=500)}  # the last point is the table's
+
+
+def test_mean_spread_and_the_noise_rule():
+    mean, std = mean_spread([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3)
+    assert std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))  # n - 1
+    assert mean_spread([2.5]) == (2.5, 0.0)
+    assert above_noise([1.0, 1.1, 1.2], [1.3, 1.4])
+    assert not above_noise([1.0, 1.25, 1.2], [1.3, 1.24])  # ranges overlap
+    assert above_noise([2.0, 2.1], [1.9])  # the base: a single value outside the range
+    assert not above_noise([2.0, 2.1], [2.05])
+
+
+def _fake_run(label, lr, seed, target, source=1.0):
+    return Run(label, lr, seed, [{"step": 0, "target": 3.0, "target_accuracy": 0.1, "source": 1.0},
+                                 {"step": 9, "target": target, "target_accuracy": 0.5, "source": source}],
+               {"m": 1.0}, 10, 0.1)
+
+
+def test_table_has_a_base_row_mean_and_std_and_a_noise_line(setup):
+    _, _, splits = setup
+    a, b = lora_method(2, learning_rates=[1e-3]), full_method([1e-4])
+    comp = Comparison(make_task("shout", splits), {"target": 3.0, "target_accuracy": 0.1, "source": 1.0}, [
+        MethodResult(a, 1e-3, {1e-3: 2.0}, [_fake_run(a.label, 1e-3, s, t) for s, t in enumerate((2.0, 2.1, 2.2))]),
+        MethodResult(b, 1e-4, {1e-4: 2.5}, [_fake_run(b.label, 1e-4, s, t) for s, t in enumerate((2.15, 2.3, 2.4))]),
+    ], (0, 1, 2), 9)
+    rows = comp.rows()
+    assert [r["method"] for r in rows] == ["base", "LoRA r=2", "full FT"]
+    assert rows[0]["target loss"] == "3.0000"
+    assert rows[1]["target loss"] == "2.1000 ± 0.1000" and rows[1]["lr"] == "0.001"
+    lines = comp.noise_lines()
+    assert "target loss: LoRA r=2 vs base: -0.9000 (above noise)" in lines
+    assert "target loss: LoRA r=2 vs full FT: -0.1833 (within noise)" in lines  # 2.2 > 2.15: ranges overlap
+    assert "source loss: LoRA r=2 vs base: +0.0000 (within noise)" in lines
+    assert lr_ratio(comp, "LoRA r=2") == pytest.approx(10.0)
+    assert "± " in comp.to_text() and "above noise when the seed ranges" in comp.to_text()
+
+
+def test_compare_picks_the_best_rate_of_the_grid_and_runs_every_seed(setup, tmp_path):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    comp = compare(base, task, tokenizer, [lora_method(2, learning_rates=[1e-6, 1e-2])], seeds=(0, 1, 2),
+                   cache=tmp_path / "cache", **SHORT)
+    (res,) = comp.results
+    assert res.sweep[1e-2] < res.sweep[1e-6]  # a rate of 1e-6 barely moves in 12 steps
+    assert res.chosen_lr == 1e-2 == min(res.sweep, key=res.sweep.get)
+    assert [r.seed for r in res.runs] == [0, 1, 2] and {r.learning_rate for r in res.runs} == {1e-2}
+    assert len({r.final["target"] for r in res.runs}) == 3  # seeds differ
+    assert res.values("target")[0] == res.sweep[1e-2]
+    path = plot_comparison(comp, tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (row,) = delta_norm_rows(comp)
+    assert row["r"] == 2 and row["alpha"] == 4.0 and row["delta_norm"] > 0
+
+
+def test_the_run_cache_hits_with_identical_numbers_and_misses_on_any_change(setup, tmp_path, monkeypatch):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    lora = LoRAConfig(r=2, alpha=4.0)
+    cfg = protocol_train_config(False, 5e-3, seed=0, steps=8)
+    first = run_once(base, task, tokenizer, lora, cfg, eval_chars=400, cache=tmp_path)
+    assert not first.from_cache
+    files = sorted(p.name for p in runs_dir(tmp_path).iterdir())
+    assert len(files) == 2 and ".lora_lab_output.json" in files  # one run, in a folder claimed for runs
+    again = run_once(base, task, tokenizer, lora, cfg, eval_chars=400, cache=tmp_path)
+    assert again.from_cache and again.to_dict() == first.to_dict()
+    changed = [
+        dict(lora=LoRAConfig(r=2, alpha=8.0), cfg=cfg),
+        dict(lora=lora, cfg=protocol_train_config(False, 5e-3, seed=1, steps=8)),
+        dict(lora=lora, cfg=protocol_train_config(False, 4e-3, seed=0, steps=8)),
+    ]
+    for change in changed:
+        again = run_once(base, task, tokenizer, change["lora"], change["cfg"], eval_chars=400, cache=tmp_path)
+        assert not again.from_cache
+    other_base = GPT(base.config)
+    assert not run_once(other_base, task, tokenizer, lora, cfg, eval_chars=400, cache=tmp_path).from_cache
+    assert not run_once(base, make_task("rot13", splits), tokenizer, lora, cfg, eval_chars=400,
+                        cache=tmp_path).from_cache
+    assert len(list(runs_dir(tmp_path).glob("*.json"))) == 1 + 6
+    # cache=False neither reads nor writes
+    assert not run_once(base, task, tokenizer, lora, cfg, eval_chars=400, cache=False).from_cache
+    # a damaged entry is named, not silently retrained over or trusted, and left as it is
+    (damaged,) = [p for p in runs_dir(tmp_path).glob("*.json") if p.read_text() == json.dumps(first.to_dict(),
+                                                                                             indent=2, sort_keys=True)]
+    damaged.write_text("{not json")
+    with pytest.raises(CorruptFileError, match=f"cached run .*{damaged.name}.*delete that file"):
+        run_once(base, task, tokenizer, lora, cfg, eval_chars=400, cache=tmp_path)
+    assert damaged.read_text() == "{not json"
+
+
+def test_full_finetuning_delta_norms_and_equal_budget_ranks(setup, tiny_config):
+    base, tokenizer, splits = setup
+    run = run_once(base, make_task("shout", splits), tokenizer, None, protocol_train_config(True, 1e-3, steps=5),
+                   eval_chars=300, cache=False)
+    assert run.trainable_params == base.num_parameters()
+    assert any(name.endswith("q_proj.weight") for name in run.delta_norms) and min(run.delta_norms.values()) > 0
+    model = GPT(tiny_config)  # 2 blocks of 32 dims: attention 4 x (32 + 32), MLP (32 + 128) x 2 per block
+    assert equal_budget_ranks(model, 5) == (5, 4)  # 5 * 512 = 2560 = 4 * 640
+
+
+def test_bad_protocol_input_is_named(setup):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    with pytest.raises(ValueError, match="learning_rates must be"):
+        Method(None, ())
+    with pytest.raises(ValueError, match="learning_rates must be"):
+        lora_method(2, learning_rates=[0.0])
+    with pytest.raises(ValueError, match="share a label"):
+        compare(base, task, tokenizer, [full_method([1e-3]), full_method([1e-4])], cache=False, **SHORT)
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        compare(base, task, tokenizer, [full_method([1e-3])], seeds=(1, 1), cache=False, **SHORT)
+
+
+def test_finetune_is_one_protocol_run(setup):
+    """finetune's default path and a protocol run of the same config give the same curve: one estimator."""
+    from lora_lab.finetune import finetune, finetune_config
+
+    base, tokenizer, splits = setup
+    task = make_task("rot13", splits)
+    lora, cfg = LoRAConfig(r=2, alpha=4.0), finetune_config(max_iters=10, device="cpu")
+    res = finetune(base, task, tokenizer, lora, cfg, progress=False, eval_chars=300)
+    run = run_once(base, task, tokenizer, lora, cfg, eval_chars=300, cache=False)
+    assert res.curve == run.curve
+    assert res.losses == {"target": run.final["target"], "source": run.final["source"]}
+
+
+def test_the_chapter_studies_run_what_they_say(setup, tmp_path):
+    from lora_lab.protocol import attention_vs_mlp, lora_vs_full, norm_by_rank
+
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    fast = dict(seeds=(0, 1, 2), steps=6, cache=tmp_path)
+    comp = lora_vs_full(base, task, tokenizer, r=2, **fast)
+    assert [(r.method.label, list(r.sweep)) for r in comp.results] == [("LoRA r=2", [8e-3]), ("full FT", [1e-3])]
+    assert lr_ratio(comp, "LoRA r=2") == pytest.approx(8.0)
+    by_rank = norm_by_rank(base, task, tokenizer, ranks=(1, 4), **fast)
+    rows = delta_norm_rows(by_rank)
+    assert [(r["r"], r["alpha"]) for r in rows] == [(1, 16.0), (4, 16.0)]
+    assert [p["step"] for p in by_rank.results[0].runs[0].curve] == [0, 6]  # 2 points: cheap
+    assert [r["alpha"] for r in delta_norm_rows(norm_by_rank(base, task, tokenizer, ranks=(1, 4), alpha=None,
+                                                              **fast))] == [2.0, 8.0]
+    budget = attention_vs_mlp(base, task, tokenizer, 5, **fast)
+    attn, mlp = budget.results
+    assert (attn.method.label, mlp.method.label) == ("attention r=5", "MLP r=4")
+    assert attn.runs[0].trainable_params == mlp.runs[0].trainable_params == 2560
+    assert set(mlp.runs[0].delta_norms) == {f"blocks.{i}.mlp.{m}" for i in (0, 1) for m in ("up_proj", "down_proj")}
+
+
+def test_cli_compare_writes_the_table_the_runs_and_the_curves(tmp_path, capsys):
+    from lora_lab.cli import main
+    from test_tasks import write_synthetic_corpus
+
+    source = write_synthetic_corpus(tmp_path / "input.txt")
+    out = tmp_path / "compare"
+    argv = ["compare", "--data", source, "--cache", tmp_path / "cache", "--pretrain-iters", "20", "--device", "cpu",
+            "--quiet", "--task", "shout", "--rank", "2", "--steps", "4", "--out", out]
+    assert main([str(a) for a in argv]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [".lora_lab_output.json", "comparison.json", "comparison.md",
+                                                     "curves.png"]
+    record = json.loads((out / "comparison.json").read_text())
+    assert [m["label"] for m in record["methods"]] == ["LoRA r=2", "full FT"]
+    assert [len(m["runs"]) for m in record["methods"]] == [3, 3] and record["seeds"] == [0, 1, 2]
+    assert (out / "comparison.md").read_text() in printed  # the table printed is the table written
+    assert "| base " in printed and "Noise: a difference is above noise" in printed
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main([str(a) for a in argv[:-1] + [mine]]) == 2  # a folder of the user's files is refused
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
