@@ -4,7 +4,7 @@
     python benchmarks/bench_protocol.py --tasks rot13 --skip-studies
     python benchmarks/bench_protocol.py --tasks ''                 # only the studies, at LORA_LEARNING_RATE
 
-For each task: base, LoRA (r=8, alpha=2r, q,k,v,o) and full fine-tuning, each with its learning-rate grid
+For each task: base, LoRA (r=8, alpha=16, q,k,v,o) and full fine-tuning, each with its learning-rate grid
 swept on seed 0 and the chosen rate run on seeds 0, 1, 2 (see lora_lab/protocol.py). Then, on rot13:
 ‖ΔW‖_F vs r with alpha fixed at 16 (scale alpha/r) and with alpha = 2r, and attention-only vs MLP-only
 LoRA at an equal parameter budget. Every run is cached under the model cache, so a rerun prints at once.
@@ -59,7 +59,7 @@ def main() -> None:
     if args.skip_studies:
         return
     task = tasks.make_task("rot13", base.texts)
-    for rule, alpha in (("alpha = 16 (fixed, scale 16/r)", 16.0), ("alpha = 2r (scale 2)", None)):
+    for rule, alpha in (("alpha = 16 (fixed, scale 16/r)", 16.0), ("alpha = 2r (scale 2)", lambda r: 2.0 * r)):
         comp = timed(f"protocol.norm_by_rank, {rule}", lambda: protocol.norm_by_rank(
             base.model, task, tok, alpha=alpha, learning_rate=rot13_lora_lr, steps=args.steps, log=print))
         print(f"\n‖ΔW‖_F vs r, {rule}, lr {rot13_lora_lr:g} (mean over the 16 adapted matrices; mean ± std over seeds)")

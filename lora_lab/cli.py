@@ -28,6 +28,7 @@ from . import tasks
 from .adapters import CONFIG_FILE as ADAPTER_CONFIG, LEGACY_FILES, load_adapter, read_adapter_metadata, save_adapter
 from .checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from .data import CharTokenizer, DataUnavailableError
+from .distributed import is_main_process, say
 from .files import OUTPUT_MARKER, CorruptFileError, folder_bytes, read_json
 from .finetune import (
     DEFAULT_RANK, DEFAULT_TARGETS, DEFAULT_TASK, FINETUNE_DEFAULTS, DivergedError, check_lora_config,
@@ -168,7 +169,7 @@ def _finetune_options(default_task: str = DEFAULT_TASK, sweep: bool = False) -> 
         g.add_argument("--rank", "-r", type=_positive_int, default=DEFAULT_RANK,
                        help=f"LoRA rank r (default: {DEFAULT_RANK})")
     g.add_argument("--alpha", type=_positive_float,
-                   help="LoRA alpha; the update is scaled by alpha / r (default: 2 * rank, for every rank)")
+                   help="LoRA alpha; the update is scaled by alpha / r (default: 16 for every rank)")
     g.add_argument("--targets", type=_name_list, default=DEFAULT_TARGETS, metavar="NAMES",
                    help="comma-separated module patterns that get LoRA, e.g. q_proj,v_proj or '*.mlp.*' "
                         f"(default: {','.join(DEFAULT_TARGETS)})")
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("compare", parents=[common], help="base vs LoRA vs full fine-tuning, 3 seeds (the protocol)",
-                       description="The fair comparison (lora_lab.protocol): base, LoRA (alpha = 2 r) and full "
+                       description="The fair comparison (lora_lab.protocol): base, LoRA (alpha = 16) and full "
                                    "fine-tuning, each at its chosen learning rate (or --sweep: each method's "
                                    "grid), 3 seeds, mean ± std and a noise line. Runs are cached.")
     p.add_argument("--task", choices=sorted(tasks.TASKS), default=DEFAULT_TASK,
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _say(text: str = "") -> None:
-    print(text, flush=True)
+    say(text)  # under torchrun, rank 0 only
 
 
 def _load_base(args, preset: str | None = None, pretrain_iters: int | None = None, retrain: bool = False) -> Pretrained:
@@ -455,6 +456,8 @@ def cmd_finetune(args) -> int:
     _say(format_table(loss_rows([res], base.model.num_parameters())))
     res.require_finite()  # a diverged run saves nothing and exits 1
     record = {"base": _base_record(args, base), "task": task.name}
+    if not is_main_process():  # under torchrun every rank holds the same weights; rank 0 writes them
+        return 0
     if args.full:
         save_checkpoint(res.model.cpu(), out, metadata={**record, "vocab": record["base"]["vocab"], **res.summary()})
     else:
@@ -491,7 +494,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    alpha = args.alpha  # None: 2 r for each rank, as everywhere
+    alpha = args.alpha  # None: lora_lab's default alpha for every rank, as everywhere
     for r in args.ranks:  # validate every config before the base is loaded or trained
         check_lora_config(default_lora_config(r, tuple(args.targets), alpha), PRESETS[args.preset][0])
     with _claimed(args.out, check_sweep_output) as out:

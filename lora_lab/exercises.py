@@ -627,3 +627,84 @@ def check_update_norm(update_norm) -> CheckReport:
         report.check(isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected, rel_tol=1e-5),
                      f"{case}: ||dW||_F = {expected:.4f}", f"{case}: got {got!r}, expected {expected:.4f}{hint}")
     return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 8
+
+
+def _variant_model(variant: str, seed: int, r: int = 4) -> GPT:
+    """A small GPT (with biases) adapted by `variant` on q_proj and up_proj, its trainable tensors moved away from
+    their start so that B, b, ... are not zero. The same model every call; the global random state is untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=24, bias=True))
+        apply_lora(model, LoRAConfig(r=r, alpha=2.0 * r, targets=("q_proj", "up_proj"), variant=variant))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def check_dora_weight(dora_weight) -> CheckReport:
+    """dora_weight(W0, A, B, magnitude, scale) -> DoRA's adapted weight m * (W0 + scale B A) / ||W0 + scale B A||,
+    the norm taken per output row (W0: d x k, A: r x k, B: d x r, magnitude: d)."""
+    report = CheckReport("dora_weight(W0, A, B, magnitude, scale)")
+    for seed in (0, 1):
+        for name, layer in lora_layers(_variant_model("dora", seed)).items():
+            W0 = layer.base.weight.detach().clone()
+            A, B, m = (t.detach().clone() for t in (layer.lora_A, layer.lora_B, layer.lora_magnitude))
+            expected = layer.merged_weight(W0.float())  # lora_lab's DoRA: what merging writes into W
+            case = f"{name} (seed {seed}, d={W0.shape[0]}, k={W0.shape[1]}, r={layer.r})"
+            ok, got = _call(report, case, dora_weight, W0.clone(), A.clone(), B.clone(), m.clone(), layer.scale)
+            if not ok:
+                continue
+            if not report.require(isinstance(got, torch.Tensor) and got.shape == expected.shape,
+                                  f"{case}: expected a tensor of shape {tuple(expected.shape)}, got "
+                                  f"{getattr(got, 'shape', type(got).__name__)}"):
+                continue
+            got = got.detach().float()
+            direction = W0 + layer.scale * B @ A
+            hint = ""
+            square = W0.shape[0] == W0.shape[1]
+            if square and torch.allclose(got, direction * (m / direction.norm(dim=0))[None, :], atol=1e-5):
+                hint = " (that is the norm of each column; DoRA's magnitude is one number per output row)"
+            elif torch.allclose(got, m[:, None] * (W0 + B @ A) / (W0 + B @ A).norm(dim=1, keepdim=True), atol=1e-5):
+                hint = " (B A is scaled by `scale` before it is added to W0)"
+            elif torch.allclose(got, direction, atol=1e-5):
+                hint = " (that is W0 + scale B A; DoRA then rescales each row to length m)"
+            err = (got - expected).abs().max().item()
+            report.check(err <= 1e-5, f"{case}: matches DoRALinear's merged weight (max difference {err:.1e})",
+                         f"{case}: differs from DoRALinear's merged weight by up to {err:.3g}{hint}")
+    return report
+
+
+def _reference_frozen_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for layer in lora_layers(model).values()
+               for t in layer.adapter_tensors().values() if not isinstance(t, nn.Parameter))
+
+
+def check_frozen_adapter_bytes(frozen_adapter_bytes) -> CheckReport:
+    """frozen_adapter_bytes(model) -> the bytes an adapter file stores for `model` that are NOT trained: every LoRA
+    layer's persistent buffers (LoRA-FA's frozen A, PiSSA's A0 and B0); not the base, not the trainable tensors, and
+    not the buffers that are regenerated instead of saved (VeRA's shared pair)."""
+    report = CheckReport("frozen_adapter_bytes(model)")
+    for variant in ("lora", "lora_fa", "pissa", "vera"):
+        model = _variant_model(variant, seed=3)
+        expected = _reference_frozen_bytes(model)
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        every_buffer = sum(b.numel() * b.element_size() for l in lora_layers(model).values() for b in l.buffers())
+        ok, got = _call(report, variant, frozen_adapter_bytes, model)
+        if not ok:
+            continue
+        hint = ""
+        if got == every_buffer != expected:
+            hint = " (VeRA's shared pair is a non-persistent buffer: regenerated from its seed, never saved)"
+        elif got == expected + trainable != expected:
+            hint = " (that counts the trainable tensors too; only the frozen ones were asked for)"
+        elif got == expected // 4:
+            hint = " (that is a count of numbers; each fp32 number is 4 bytes)"
+        report.check(isinstance(got, int) and got == expected, f"{variant}: {expected:,} bytes",
+                     f"{variant}: got {got!r}, expected {expected:,} bytes{hint}")
+    return report

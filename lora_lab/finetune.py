@@ -10,7 +10,7 @@ The curve's step-0 point is the base itself, and its last point is the final los
 `compare_methods` puts base, LoRA and full fine-tuning side by side for one seed; `protocol.compare` is the
 fair version (a learning-rate sweep per method, 3 seeds, a noise line). `rank_sweep` fine-tunes once per
 LoRA rank and writes a CSV table and a PNG plot. The defaults (FINETUNE_DEFAULTS) are the protocol's
-choice, recorded in benchmarks/RESULTS_protocol.md; alpha is 2 r everywhere (protocol.default_alpha).
+choice, recorded in benchmarks/RESULTS_protocol.md; alpha is 16 at every rank (protocol.ALPHA).
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def finetune_config(full: bool = False, **overrides) -> TrainConfig:
 
 
 def default_lora_config(r: int = DEFAULT_RANK, targets=DEFAULT_TARGETS, alpha: float | None = None) -> LoRAConfig:
-    """The LoRAConfig lora_lab uses when none is given: alpha = 2 r (protocol.default_alpha) on DEFAULT_TARGETS."""
+    """The LoRAConfig lora_lab uses when none is given: alpha = 16 (protocol.default_alpha) on DEFAULT_TARGETS."""
     return LoRAConfig(r=r, alpha=default_alpha(r) if alpha is None else alpha, targets=tuple(targets))
 
 
@@ -439,10 +439,10 @@ def rank_sweep(
     out_dir must be missing, empty, or an earlier sweep's folder (it is claimed with
     files.claim_output_dir before any training); a folder of other files is refused untouched.
 
-    alpha None is lora_lab's rule, alpha = 2 r (protocol.default_alpha), so the r=8 row is the default
-    fine-tune. A fixed alpha (the LoRA paper's choice) makes scale = alpha / r shrink as r grows, and the
-    learned update shrinks with it: measured here, ‖ΔW‖_F falls with r at one learning rate
-    (benchmarks/RESULTS_protocol.md), so a fixed alpha is not neutral across ranks. One seed, one rate:
+    alpha None is lora_lab's rule, 16 at every rank (protocol.default_alpha), so the r=8 row is the default
+    fine-tune. A fixed alpha makes scale = alpha / r shrink as r grows, and the learned update shrinks with
+    it: at one learning rate ‖ΔW‖_F falls from 9.1 (r=1) to 4.4 (r=16) on rot13
+    (benchmarks/RESULTS_protocol.md), so one rate is not equally fair to every rank. One seed, one rate:
     protocol.compare sweeps rates and seeds.
     """
     ranks = list(ranks)

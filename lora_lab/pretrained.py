@@ -19,6 +19,7 @@ from . import tasks
 from .checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
 from .files import CorruptFileError
 from .data import CharDataset, CharTokenizer, load_splits
+from .distributed import data_parallel
 from .model import GPT, GPTConfig
 from .train import TrainConfig, train
 
@@ -60,14 +61,18 @@ class Pretrained:
     from_cache: bool
 
 
-def cache_key(model_config: GPTConfig, train_config: TrainConfig, train_text: str, vocab: list[str]) -> str:
-    # The device is left out: where training ran does not change what was trained for.
+def cache_key(model_config: GPTConfig, train_config: TrainConfig, train_text: str, vocab: list[str],
+              world_size: int = 1) -> str:
+    # The device is left out: where training ran does not change what was trained for. The number of
+    # data-parallel processes is in (when above 1): it multiplies the batch, so it is another training run.
     payload = {
         "model": model_config.to_dict(),
         "train": {k: v for k, v in train_config.to_dict().items() if k != "device"},
         "vocab": "".join(vocab),
         "text_sha256": hashlib.sha256(train_text.encode()).hexdigest(),
     }
+    if world_size > 1:
+        payload["world_size"] = world_size
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -106,7 +111,9 @@ def pretrained_base(
     dataset = CharDataset.from_texts(source, tokenizer)
     model_config = replace(model_config or preset_model, vocab_size=tokenizer.vocab_size)
 
-    path = cache_dir(cache) / f"base-{cache_key(model_config, train_config, source['train'], tokenizer.chars)}"
+    run = data_parallel()  # under torchrun: every rank trains, rank 0 alone writes the cache entry
+    world_size = run.world_size if run else 1
+    path = cache_dir(cache) / f"base-{cache_key(model_config, train_config, source['train'], tokenizer.chars, world_size)}"
     if path.exists() and not retrain:
         model, meta = _load_cached(path, model_config)
         return Pretrained(model, dataset, texts, meta.get("history", {}), path, from_cache=True)
@@ -117,5 +124,8 @@ def pretrained_base(
         model, dataset.splits["train"], dataset.splits["validation"], train_config, progress, desc="pretraining base"
     )
     meta = {"history": result.to_dict(), "train_config": train_config.to_dict(), "vocab": "".join(tokenizer.chars)}
-    save_checkpoint(model.cpu(), path, metadata=meta, replace_damaged=True)  # only ever a cache folder of ours
+    if run is None or run.is_main:
+        save_checkpoint(model.cpu(), path, metadata=meta, replace_damaged=True)  # only ever a cache folder of ours
+    if run is not None:
+        torch.distributed.barrier()  # no rank returns before the entry exists
     return Pretrained(model, dataset, texts, result.to_dict(), path, from_cache=False)

@@ -162,7 +162,7 @@ def run_tour(
 ) -> TourReport:
     """Fine-tune `base` on a task with LoRA (and in full unless compare_full=False), merge, and report.
 
-    lora defaults to finetune.default_lora_config() (r=8, alpha=2r=16 on DEFAULT_TARGETS); the train configs
+    lora defaults to finetune.default_lora_config() (r=8, alpha=16 on DEFAULT_TARGETS); the train configs
     to `finetune_config` (the protocol's chosen rates). metadata (a JSON object, e.g. which base this is) is
     stored with the adapter and the merged checkpoint. log, if given, receives a line at the start of each step. Raises finetune.DivergedError if the LoRA run
     diverged (nothing is saved then); the output folder is checked before any training.

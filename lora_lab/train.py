@@ -8,11 +8,14 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import get_batch
+from .distributed import (data_parallel, data_parallel_model, effective_batch_note, from_main, mean_over_ranks,
+                          rank_device, rank_seed, say)
 from .lora import lora_plus_parameters
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -234,6 +237,7 @@ class TrainResult:
     tokens: int = 0
     best_iter: int | None = None  # keep_best: the step whose weights the model ends with (None: the last)
     notes: list[str] = field(default_factory=list)  # e.g. why torch.compile was not used
+    gradient_bytes_per_step: float | None = None  # data-parallel runs: bytes each rank all-reduced per step
 
     @property
     def tokens_per_second(self) -> float:
@@ -254,18 +258,26 @@ class TrainResult:
 class BatchSampler:
     """get_batch's seeded windows, cut on the device: the token tensor moves to the device once, and each
     step sends only batch_size start offsets (pinned, asynchronously on CUDA), so sampling never waits for
-    the GPU. The same generator gives the same batches as get_batch."""
+    the GPU. The same generator gives the same batches as get_batch.
 
-    def __init__(self, data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator,
-                 device: torch.device):
+    Given a list of N generators, each draws batch_size/N rows in turn: one process then builds exactly the
+    global batch of N data-parallel ranks (rank r's rows from its own generator)."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, block_size: int,
+                 generator: torch.Generator | list[torch.Generator], device: torch.device):
         if len(data) <= block_size:
             raise ValueError(f"Need more than block_size={block_size} tokens, the data has {len(data)}.")
+        self.generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
+        if batch_size % len(self.generators):
+            raise ValueError(f"batch_size={batch_size} does not split evenly over {len(self.generators)} generators.")
         self.data = data.to(device)
         self.offsets = torch.arange(block_size + 1, device=device)  # x and y in one gather
-        self.batch_size, self.block_size, self.generator, self.device = batch_size, block_size, generator, device
+        self.batch_size, self.block_size, self.device = batch_size, block_size, device
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.generator)
+        share = self.batch_size // len(self.generators)
+        ix = torch.cat([torch.randint(len(self.data) - self.block_size, (share,), generator=g)
+                        for g in self.generators])
         if self.device.type == "cuda":
             ix = ix.pin_memory().to(self.device, non_blocking=True)
         window = self.data[ix[:, None] + self.offsets]  # (B, T + 1)
@@ -304,6 +316,10 @@ def train(
     cfg: TrainConfig,
     progress: bool = True,
     desc: str = "training",
+    *,
+    emulate_ranks: int = 1,
+    score: Callable[[torch.nn.Module], dict] | None = None,
+    score_steps: Iterable[int] | None = None,
 ) -> TrainResult:
     """Train `model` in place on 1-D token tensors and return the loss history.
 
@@ -311,27 +327,68 @@ def train(
     dropout from the seeded global RNG. The loss is read from the device every cfg.log_interval steps (each
     read makes the CPU wait for the GPU); every step's loss is still recorded. With cfg.keep_best the model
     ends with the weights of its best validation evaluation, and result.best_iter says which step that was.
+
+    Under torchrun (see lora_lab.distributed) the model is wrapped in DDP after its trainable set is final
+    (apply LoRA first); rank r samples cfg.batch_size rows per step from seed + r, so the effective batch is
+    cfg.batch_size x world size; losses are averaged over ranks, only rank 0 evaluates and shows progress.
+    `emulate_ranks=N` makes one process draw each batch as N such ranks would (cfg.batch_size/N rows each),
+    reproducing their global batch exactly.
+
+    `score(model) -> dict` replaces the sampled loss estimate at each evaluation, at `score_steps` (0 to
+    max_iters) instead of every eval_interval: how lora_lab.protocol draws its curves with its own estimator
+    while training through this one loop (under torchrun every rank scores its identical replica).
     """
+    if not _is_int(emulate_ranks) or emulate_ranks <= 0 or cfg.batch_size % emulate_ranks:
+        raise ValueError(f"emulate_ranks must be a positive integer dividing batch_size={cfg.batch_size}, "
+                         f"got {emulate_ranks!r}.")
+    if score is not None and (cfg.keep_best or score_steps is None):
+        raise ValueError("train(score=...) needs score_steps, and keep_best picks by the built-in estimate: "
+                         "pass score_steps and set keep_best=False.")
     if cfg.keep_best and val_data is None:
         raise ValueError("TrainConfig.keep_best needs validation data to pick the best weights; val_data is None.")
     if cfg.activation_checkpointing and not hasattr(model, "activation_checkpointing"):
         raise ValueError(f"TrainConfig.activation_checkpointing: {type(model).__name__} has no such switch (GPT has).")
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
-    next_batch = BatchSampler(train_data, cfg.batch_size, model.config.block_size, batch_gen, device)
+    run = data_parallel()  # None: a single process, trained exactly as without torchrun
+    if run is not None and emulate_ranks != 1:
+        raise ValueError("emulate_ranks is for a single process; under torchrun each rank samples its own rows.")
+    rank = run.rank if run else 0
+    progress = progress and (run is None or run.is_main)
+    device = rank_device(pick_device(cfg.device), run)
+    torch.manual_seed(rank_seed(cfg.seed, rank))
+    batch_gens = [torch.Generator().manual_seed(rank_seed(cfg.seed, rank + r)) for r in range(emulate_ranks)]
+    next_batch = BatchSampler(train_data, cfg.batch_size, model.config.block_size, batch_gens, device)
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     eval_splits = {"train": train_data} if val_data is None else {"train": train_data, "val": val_data}
     result = TrainResult()
-    forward = compiled_or_eager(model, cfg.compile, result.notes)
+    # trained: what each step calls (DDP around model under torchrun, else model itself)
+    trained, traffic = data_parallel_model(model, run, device, next_batch.data[: model.config.block_size + 1][None])
+    if run is not None:
+        result.notes.append(effective_batch_note(cfg.batch_size, run))
+    forward = compiled_or_eager(trained, cfg.compile, result.notes)
     best_val, best_weights = math.inf, None
     pending: list[torch.Tensor] = []  # losses still on the device, read in one go every log_interval steps
 
+    eval_steps = (set(range(0, cfg.max_iters, cfg.eval_interval)) | {cfg.max_iters} if score is None
+                  else {int(s) for s in score_steps})
+
     def evaluate(it: int, lr: float):
         nonlocal best_val, best_weights
-        est = estimate_loss(model, eval_splits, cfg.batch_size, cfg.eval_iters, cfg.seed + 1, device, cfg.bf16)
+        if it not in eval_steps:
+            return
+        if score is not None:
+            result.evals.append({"iter": it, **score(model), "lr": lr})  # every rank: identical replicas
+            model.train()
+            return
+        if run is None:
+            est = estimate_loss(model, eval_splits, cfg.batch_size, cfg.eval_iters, cfg.seed + 1, device, cfg.bf16)
+        else:  # rank 0 evaluates batches of the effective size; every rank gets the numbers (keep_best agrees)
+            est = (estimate_loss(model, eval_splits, cfg.batch_size * run.world_size, cfg.eval_iters, cfg.seed + 1,
+                                 device, cfg.bf16) if run.is_main else {})
+            numbers = from_main(torch.tensor([est.get("train", 0.0), est.get("val", math.nan)],
+                                             dtype=torch.float64), run).tolist()
+            est = {"train": numbers[0], **({} if val_data is None else {"val": numbers[1]})}
         result.evals.append({"iter": it, "train": est["train"], "val": est.get("val"), "lr": lr})
         if cfg.keep_best and est["val"] < best_val:  # a copy of the trainable weights only: small for LoRA
             best_val, result.best_iter = est["val"], it
@@ -340,7 +397,7 @@ def train(
     def read_losses(t0: float) -> float:
         """Wait for the device, move the pending losses into result.losses; returns the time now."""
         if pending:
-            result.losses.extend(torch.stack(pending).tolist())
+            result.losses.extend(mean_over_ranks(torch.stack(pending), run).tolist())
             pending.clear()
         elif device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -363,25 +420,25 @@ def train(
         t0 = time.perf_counter()
         for it in bar:
             lr = learning_rate_at(it, cfg)
-            if it % cfg.eval_interval == 0:
+            if it in eval_steps:
                 read_losses(t0)
                 evaluate(it, lr)
                 t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = next_batch()
-            if forward is not model and it == 0:
+            if forward is not trained and it == 0:
                 try:  # torch.compile compiles here, at the first call; a failure falls back to eager
                     loss = step(x, y, forward)
                 except Exception as err:  # noqa: BLE001 (dynamo/inductor raise many kinds; eager re-raises real ones)
                     optimizer.zero_grad(set_to_none=True)
                     result.notes.append(f"torch.compile failed ({type(err).__name__}); trained eagerly.")
-                    forward = model
+                    forward = trained
                     loss = step(x, y, forward)
             else:
                 loss = step(x, y, forward)
             pending.append(loss)
-            result.tokens += x.numel()
+            result.tokens += x.numel() * (run.world_size if run else 1)
             if (it + 1) % cfg.log_interval == 0 or it == cfg.max_iters - 1:
                 t0 = read_losses(t0)
                 if progress:
@@ -398,8 +455,11 @@ def train(
     finally:
         if cfg.activation_checkpointing:
             model.activation_checkpointing = False
+    if run is not None:
+        traffic.steps = cfg.max_iters
+        result.gradient_bytes_per_step = traffic.bytes_per_step
     for note in result.notes:
-        print(f"note: {note}")
+        say(f"note: {note}")
     if best_weights is not None and result.best_iter != cfg.max_iters:
         with torch.no_grad():
             for p, best in zip(trainable, best_weights):

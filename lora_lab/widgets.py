@@ -668,8 +668,10 @@ class RankDashboard(_Widget):
             same = ("max_iters", "batch_size", "eval_interval", "eval_iters", "seed", "device", "bf16")
             full_train_config = finetune_config(full=True, **{k: getattr(train_config, k) for k in same})
         self.full_train_config = full_train_config
-        # alpha stays fixed while r changes, as in the paper: with Adam, the size of the update B @ A then
-        # hardly depends on r, so every rank gets a fair comparison at one learning rate.
+        # alpha stays fixed while r changes (the LoRA paper's and lora_lab's rule). That does NOT make one
+        # learning rate fair to every rank: at one rate the learned ‖ΔW‖_F shrinks as r grows (9.1 at r=1,
+        # 4.4 at r=16 on rot13; protocol.norm_by_rank, benchmarks/RESULTS_protocol.md). The dashboard shows
+        # one rate per rank for speed; protocol.compare sweeps the rate per rank for a fair comparison.
         self.alpha = float(alpha)
         self._evaluate = evaluate or self._finetune
         self._base_losses = None

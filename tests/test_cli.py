@@ -16,7 +16,7 @@ from lora_lab import load_adapter, lora_layers
 from lora_lab.adapters import read_adapter_metadata
 from test_tasks import write_synthetic_corpus
 
-FAST = ["--steps", "10", "--eval-iters", "2"]
+FAST = ["--steps", "10", "--eval-chars", "300"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_help_explains_every_option_of_every_subcommand(capsys):
     assert code == 0 and "usage: lora-lab" in out
     assert "exit codes: 0 done; 1 the run failed" in " ".join(out.split())
     commands = subparsers()
-    assert set(commands) == {"pretrain", "sample", "finetune", "merge", "sweep", "tour"}
+    assert set(commands) == {"pretrain", "sample", "finetune", "compare", "merge", "sweep", "tour"}
     for name, sub in commands.items():
         assert name in out
         code, out_sub, err = run(capsys, name, "--help")
@@ -160,11 +160,27 @@ def test_sweep_writes_table_and_plot(capsys, base_args, tmp_path):
     assert len((out_dir / "sweep.csv").read_text().splitlines()) == 3
 
 
+def test_compare_runs_the_protocol_and_a_second_call_is_cached(capsys, base_args, tmp_path):
+    out_dir = tmp_path / "compare"
+    code, out, _ = run(capsys, "compare", *base_args, "--steps", "3", "--rank", "2", "--out", out_dir)
+    assert code == 0, out
+    assert "Task rot13: 3 steps, seeds [0, 1, 2]" in out and "| base " in out and "| LoRA r=2 " in out
+    assert "| full FT " in out and "target loss: LoRA r=2 vs full FT: " in out and "noise)" in out
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lora_lab_output.json", "comparison.json",
+                                                         "comparison.md", "curves.png"]
+    record = json.loads((out_dir / "comparison.json").read_text())
+    assert [m["label"] for m in record["methods"]] == ["LoRA r=2", "full FT"]
+    assert all(len(m["runs"]) == 3 for m in record["methods"])
+    first_table = out.split("| method")[1].split("\n\n")[0]
+    code, out, _ = run(capsys, "compare", *base_args, "--steps", "3", "--rank", "2", "--out", out_dir)
+    assert code == 0 and out.split("| method")[1].split("\n\n")[0] == first_table  # cached: identical numbers
+
+
 def test_tour_end_to_end(capsys, base_args, tmp_path):
     out_dir = tmp_path / "tour"
     code, out, _ = run(capsys, "tour", *base_args, *FAST, "--out", out_dir)
     assert code == 0, out
-    for step in ("== 1.", "== 2. The task 'shout'", "== 3. LoRA", "== 3b. Full", "== 4. Merge", "== 5. Report"):
+    for step in ("== 1.", "== 2. The task 'rot13'", "== 3. LoRA", "== 3b. Full", "== 4. Merge", "== 5. Report"):
         assert step in out
     report = json.loads((out_dir / "report.json").read_text())
     assert report["merge_ok"] is True and report["merge_max_logit_gap"] < 1e-4
@@ -175,11 +191,14 @@ def test_tour_end_to_end(capsys, base_args, tmp_path):
     assert (out_dir / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out_dir / "adapter" / "adapter_config.json").is_file() and (out_dir / "merged" / "config.json").is_file()
     markdown = (out_dir / "report.md").read_text()
-    assert markdown.startswith("# lora-lab tour: LoRA on `shout`") and "```text\nKING RICHARD III:\n" in markdown
-    assert "lora-lab tour: LoRA on 'shout'\n===" in out  # the text rendering is printed
+    assert markdown.startswith("# lora-lab tour: LoRA on `rot13`") and "```text\nXVAT EVPUNEQ VVV:\n" in markdown
+    assert "lora-lab tour: LoRA on 'rot13'\n===" in out  # the text rendering is printed
+    assert "| base " in markdown and "target_acc" in markdown  # rot13 is scored by accuracy too
     assert "merged == unmerged: max |logit difference|" in out and "-> OK" in out
     assert f"{report['merge_max_logit_gap']:.2e} -> OK" in markdown
-    assert json.loads((out_dir / "adapter" / "adapter_config.json").read_text())["metadata"]["task"] == "shout"
+    assert json.loads((out_dir / "adapter" / "adapter_config.json").read_text())["metadata"]["task"] == "rot13"
+    assert lora["task"] == "rot13" and 0.0 <= lora["target_accuracy"] <= 1.0
+    assert lora["base_target_loss"] > lora["base_source_loss"]  # ROT13 text is new to the base: a real gap
 
 
 # ----------------------------------------------------------------------------------------------

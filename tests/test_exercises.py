@@ -319,3 +319,63 @@ def test_check_update_norm():
     assert exercises.check_update_norm(right).ok
     unscaled = exercises.check_update_norm(lambda layer: torch.linalg.matrix_norm(layer.lora_B @ layer.lora_A).item())
     assert not unscaled.ok and "scaled by alpha / r" in failures(unscaled)
+
+
+# --- chapter 8 ---------------------------------------------------------------------------------------
+
+
+def _dora_weight(W0, A, B, magnitude, scale):
+    direction = W0 + scale * B @ A
+    return magnitude[:, None] * direction / direction.norm(dim=1, keepdim=True)
+
+
+def test_check_dora_weight():
+    assert exercises.check_dora_weight(_dora_weight).ok
+    unscaled = exercises.check_dora_weight(lambda W0, A, B, m, s: _dora_weight(W0, A, B, m, 1.0))
+    assert not unscaled.ok and "scaled by `scale`" in failures(unscaled)
+    by_column = exercises.check_dora_weight(
+        lambda W0, A, B, m, s: (W0 + s * B @ A) * (m / (W0 + s * B @ A).norm(dim=0))[None, :])
+    assert not by_column.ok and "norm of each column" in failures(by_column)
+    no_rescale = exercises.check_dora_weight(lambda W0, A, B, m, s: W0 + s * B @ A)
+    assert not no_rescale.ok and "rescales each row" in failures(no_rescale)
+    transposed = exercises.check_dora_weight(lambda W0, A, B, m, s: _dora_weight(W0, A, B, m, s).T)
+    assert not transposed.ok and "expected a tensor of shape" in failures(transposed)
+    stub = exercises.check_dora_weight(lambda *args: (_ for _ in ()).throw(NotImplementedError))
+    assert stub.unanswered and "not answered yet" in str(stub)
+
+
+def _frozen_adapter_bytes(model):
+    from lora_lab import lora_layers
+    return sum(t.numel() * t.element_size() for layer in lora_layers(model).values()
+               for name, t in layer.state_dict().items()
+               if not name.startswith("base.") and not isinstance(getattr(layer, name, None), nn.Parameter))
+
+
+def test_frozen_adapter_bytes_reference_is_what_the_adapter_file_holds_beyond_the_trained_tensors(tmp_path):
+    from safetensors import safe_open
+    from lora_lab import save_adapter
+    expected = {"lora": 0, "vera": 0}
+    for variant in ("lora", "lora_fa", "pissa", "vera"):
+        model = exercises._variant_model(variant, seed=3)
+        path = save_adapter(model, tmp_path / variant)
+        with safe_open(str(next(path.glob("*.safetensors"))), "pt") as f:
+            in_file = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+        trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        assert exercises._reference_frozen_bytes(model) == in_file - trained == _frozen_adapter_bytes(model)
+        if variant in expected:
+            assert in_file - trained == expected[variant]
+        else:
+            assert in_file - trained > 0
+
+
+def test_check_frozen_adapter_bytes():
+    from lora_lab import lora_layers
+    assert exercises.check_frozen_adapter_bytes(_frozen_adapter_bytes).ok
+    every_buffer = exercises.check_frozen_adapter_bytes(
+        lambda m: sum(b.numel() * b.element_size() for l in lora_layers(m).values() for b in l.buffers()))
+    assert not every_buffer.ok and "never saved" in failures(every_buffer)
+    counts = exercises.check_frozen_adapter_bytes(lambda m: _frozen_adapter_bytes(m) // 4)
+    assert not counts.ok and "4 bytes" in failures(counts)
+    with_trained = exercises.check_frozen_adapter_bytes(
+        lambda m: _frozen_adapter_bytes(m) + sum(p.numel() * 4 for p in m.parameters() if p.requires_grad))
+    assert not with_trained.ok and "trainable tensors too" in failures(with_trained)

@@ -179,12 +179,12 @@ def test_finetune_config_defaults_and_short_runs():
 
 def test_one_alpha_rule_everywhere():
     assert default_lora_config() == LoRAConfig(r=8, alpha=16.0, targets=DEFAULT_TARGETS)
-    assert default_lora_config(4).alpha == 8.0 and default_alpha(16) == 32.0
+    assert default_lora_config(4).alpha == 16.0 and default_alpha(1) == default_alpha(16) == 16.0 == LoRAConfig.alpha
     assert default_lora_config(4, alpha=3.0).alpha == 3.0
     import inspect
 
     assert inspect.signature(finetune).parameters["lora"].default == default_lora_config()
-    assert inspect.signature(rank_sweep).parameters["alpha"].default is None  # None: 2 r per rank
+    assert inspect.signature(rank_sweep).parameters["alpha"].default is None  # None: default_alpha per rank
 
 
 def test_format_table():
@@ -215,7 +215,7 @@ def test_rank_sweep_takes_one_target_name_as_a_string(setup):
     sweep = rank_sweep(base, task, tokenizer, [1, 2], "q_proj", None, quick(max_iters=2), progress=False,
                        eval_chars=100)
     assert sweep.rows[0]["targets"] == ["q_proj"] and sweep.rows[0]["trainable_params"] == 2 * (32 + 32)
-    assert [row["alpha"] for row in sweep.rows] == [2.0, 4.0]  # alpha None: 2 r for every rank
+    assert [row["alpha"] for row in sweep.rows] == [16.0, 16.0]  # alpha None: 16 for every rank
 
 
 @pytest.mark.parametrize(

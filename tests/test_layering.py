@@ -3,12 +3,14 @@
 The declared order, lowest first (a module may import only from strictly earlier layers):
 
     files, errors -> data, tasks -> model -> sampling, adapter_layers -> targets -> lora -> variants
-    -> checkpoint -> adapters -> peft_interop -> contract -> train -> pretrained -> protocol -> finetune
-    -> outputs -> widgets -> exercises, tour -> cli
+    -> checkpoint -> adapters -> peft_interop, multi_adapter -> contract -> distributed -> train -> pretrained
+    -> protocol -> finetune, scaling -> outputs -> widgets -> exercises, tour -> cli
 
 That is the issue's data -> model -> lora -> train -> analysis/widgets -> cli, refined to today's modules:
 targeting (targets) and the variants sit with lora; adapters on disk and PEFT build on lora; the contract
-checker runs save/load and PEFT round trips, so it comes after them; training knows LoRA only for LoRA+.
+checker runs save/load and PEFT round trips, so it comes after them; training knows LoRA only for LoRA+;
+serving many adapters in one batch (multi_adapter) builds on the adapters, data-parallel plumbing
+(distributed) sits under train, and the scale-out measurements (scaling) use training and serving.
 The package's __init__ imports everything and is not part of the order. The test reads the source (ast),
 so an import inside a function counts too.
 """
@@ -20,8 +22,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_lab"
 LAYERS = [
     ("files", "errors"), ("data", "tasks"), ("model",), ("sampling", "adapter_layers"), ("targets",), ("lora",),
-    ("variants",), ("checkpoint",), ("adapters",), ("peft_interop",), ("contract",), ("train",), ("pretrained",),
-    ("protocol",), ("finetune",), ("outputs",), ("widgets",), ("exercises", "tour"), ("cli",),
+    ("variants",), ("checkpoint",), ("adapters",), ("peft_interop", "multi_adapter"), ("contract",), ("distributed",),
+    ("train",), ("pretrained",), ("protocol",), ("finetune", "scaling"), ("outputs",), ("widgets",), ("exercises", "tour"), ("cli",),
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

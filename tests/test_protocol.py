@@ -112,7 +112,7 @@ def test_compare_picks_the_best_rate_of_the_grid_and_runs_every_seed(setup, tmp_
     path = plot_comparison(comp, tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (row,) = delta_norm_rows(comp)
-    assert row["r"] == 2 and row["alpha"] == 4.0 and row["delta_norm"] > 0
+    assert row["r"] == 2 and row["alpha"] == 16.0 and row["delta_norm"] > 0
 
 
 def test_the_run_cache_hits_with_identical_numbers_and_misses_on_any_change(setup, tmp_path, monkeypatch):
@@ -199,8 +199,8 @@ def test_the_chapter_studies_run_what_they_say(setup, tmp_path):
     rows = delta_norm_rows(by_rank)
     assert [(r["r"], r["alpha"]) for r in rows] == [(1, 16.0), (4, 16.0)]
     assert [p["step"] for p in by_rank.results[0].runs[0].curve] == [0, 6]  # 2 points: cheap
-    assert [r["alpha"] for r in delta_norm_rows(norm_by_rank(base, task, tokenizer, ranks=(1, 4), alpha=None,
-                                                              **fast))] == [2.0, 8.0]
+    two_r = norm_by_rank(base, task, tokenizer, ranks=(1, 4), alpha=lambda r: 2.0 * r, **fast)
+    assert [r["alpha"] for r in delta_norm_rows(two_r)] == [2.0, 8.0]
     budget = attention_vs_mlp(base, task, tokenizer, 5, **fast)
     attn, mlp = budget.results
     assert (attn.method.label, mlp.method.label) == ("attention r=5", "MLP r=4")

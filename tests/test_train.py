@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -326,3 +328,25 @@ def test_too_little_data_is_refused_before_the_model_is_touched(tiny_config):
     with pytest.raises(ValueError, match="Need more than block_size=16 tokens"):
         train(model, _data(10), None, TrainConfig(**FAST), progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and model.training
+
+
+def test_score_replaces_the_estimate_at_exactly_the_score_steps(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    data = torch.randint(0, tiny_config.vocab_size, (400,), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(max_iters=9, batch_size=2, eval_interval=2, eval_iters=1, warmup_iters=0, device="cpu")
+    seen = []
+
+    def score(m):
+        seen.append(m.training)
+        return {"my_metric": float(len(seen))}
+
+    res = train(model, data, None, cfg, progress=False, score=score, score_steps=[0, 4, 9])
+    assert [e["iter"] for e in res.evals] == [0, 4, 9]
+    assert [e["my_metric"] for e in res.evals] == [1.0, 2.0, 3.0]
+    assert len(res.losses) == 9
+    with pytest.raises(ValueError, match="score_steps"):
+        train(GPT(tiny_config), data, None, cfg, progress=False, score=score)
+    with pytest.raises(ValueError, match="keep_best"):
+        train(GPT(tiny_config), data, data, replace(cfg, keep_best=True), progress=False, score=score,
+              score_steps=[0])
