@@ -368,6 +368,16 @@ def check_lora_layer(lora_class) -> CheckReport:
             f"{case}: at initialisation it computes exactly the base layer",
             f"{case}: at initialisation the output differs from the base layer's (B should start at zero)",
         )
+        # B = 0 alone is right; A = 0 as well is a saddle point: both gradients are exactly zero, so nothing learns.
+        ok, grads = _call(report, f"{case}: gradients at initialisation",
+                          lambda: torch.autograd.grad(out.square().sum(), (A, B), allow_unused=True))
+        if ok:
+            report.check(
+                any(g is not None and g.abs().sum().item() > 0 for g in grads),
+                f"{case}: at initialisation A and B get a nonzero gradient (training can start)",
+                f"{case}: at initialisation neither A nor B gets a gradient: with A = 0 and B = 0 (a saddle point) "
+                "LoRA never learns; A should start random",
+            )
         with torch.random.fork_rng():
             reference = LoRALinear(reference_base, r, alpha)
         with torch.no_grad():

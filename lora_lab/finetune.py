@@ -179,13 +179,15 @@ def finetune(
     curve_points: int = CURVE_POINTS,
     base_losses: dict[str, float] | None = None,
     desc: str | None = None,
+    on_point=None,
 ) -> FinetuneResult:
     """Fine-tune a copy of `base_model` on `task.train`: LoRA with `lora`, or every weight if lora is None.
 
     train_config defaults to `finetune_config(full=lora is None)`. The curve is measured at curve_points
     evenly spaced steps with protocol.task_scores on the first eval_chars characters (None: all); its
     step-0 point is the base. base_losses is accepted for older callers and not used: the base is always
-    the curve's own step-0 point, measured by the same estimator.
+    the curve's own step-0 point, measured by the same estimator. on_point(step, max_iters) is called after
+    each curve point is measured (RankDashboard's progress bar uses it).
     """
     if not isinstance(base_model, GPT):
         raise TypeError(f"base_model must be a lora_lab GPT, got {type(base_model).__name__}.")
@@ -233,7 +235,8 @@ def finetune(
     trainable = model.num_parameters(trainable_only=True)
     label = "full fine-tuning" if full else f"{'LoRA' if lora.variant == 'lora' else lora.variant} r={lora.r}"
     # Step 0 of the curve is the untrained copy, which computes exactly the base (B = 0 adds exact zeros).
-    trained = train_with_curve(model, data, cfg, eval_chars, curve_points, progress, desc or f"{label} on {task.name}")
+    trained = train_with_curve(model, data, cfg, eval_chars, curve_points, progress, desc or f"{label} on {task.name}",
+                               on_point)
     curve = trained.curve
     history = TrainResult(losses=trained.step_losses, seconds=trained.seconds,
                           tokens=cfg.max_iters * cfg.batch_size * base_model.config.block_size,

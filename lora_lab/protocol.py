@@ -20,6 +20,7 @@ The rules, in the order `compare` applies them:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -41,7 +42,7 @@ from .pretrained import cache_dir
 from .tasks import Task
 from .train import TrainConfig, pick_device, train
 
-PROTOCOL_VERSION = 1  # bump when a change makes cached runs incomparable
+PROTOCOL_VERSION = 2  # bump when a change makes cached runs incomparable (2: runs on one CPU thread)
 RUNS_FORMAT = "lora_lab.protocol_runs.v1"
 EVAL_CHARS = 8_192  # characters scored per split: ~0.3 s per split for the tiny preset on one busy CPU core
 CURVE_POINTS = 5  # evaluations per run, evenly spaced from step 0 to the last step
@@ -154,19 +155,41 @@ class TrainedCurve:
     seconds: float  # wall time of the training steps (scoring excluded)
 
 
+@contextlib.contextmanager
+def one_cpu_thread(device):
+    """Run the block with one torch thread on a CPU. Why: CPU results depend on the thread count (full
+    fine-tuning's losses differ in the 4th decimal between 1 and 2 threads), and the run cache must hold the
+    same numbers whichever machine computed them. One thread is also the robust choice on a shared CPU."""
+    threads = torch.get_num_threads()
+    if pick_device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_with_curve(model: GPT, data: dict[str, torch.Tensor], cfg: TrainConfig, eval_chars: int | None = EVAL_CHARS,
-                     points: int = CURVE_POINTS, progress: bool = False, desc: str = "fine-tuning") -> TrainedCurve:
+                     points: int = CURVE_POINTS, progress: bool = False, desc: str = "fine-tuning",
+                     on_point=None) -> TrainedCurve:
     """Train `model` in place with train.train (same seeds, batches, schedule, clipping; data-parallel under
-    torchrun), scoring it with task_scores at curve_steps instead of train's sampled estimate."""
+    torchrun), scoring it with task_scores at curve_steps instead of train's sampled estimate.
+    on_point(step, max_iters), if given, is called after each curve point (a widget's progress bar uses it)."""
     if cfg.compile or cfg.keep_best or cfg.activation_checkpointing:
         raise ValueError("Protocol runs train eagerly and keep their last weights: set compile, keep_best and "
                          "activation_checkpointing to False in the TrainConfig.")
 
-    def score(m: GPT) -> dict:
-        return task_scores(m, data, eval_chars, next(m.parameters()).device)
+    steps = iter(curve_steps(cfg.max_iters, points))
 
-    result = train(model, data["train"], None, cfg, progress, desc, score=score,
-                   score_steps=curve_steps(cfg.max_iters, points))
+    def score(m: GPT) -> dict:
+        scores = task_scores(m, data, eval_chars, next(m.parameters()).device)
+        if on_point is not None:
+            on_point(next(steps), cfg.max_iters)
+        return scores
+
+    with one_cpu_thread(cfg.device):
+        result = train(model, data["train"], None, cfg, progress, desc, score=score,
+                       score_steps=curve_steps(cfg.max_iters, points))
     curve = [{"step": e["iter"], **{k: v for k, v in e.items() if k not in ("iter", "lr")}} for e in result.evals]
     return TrainedCurve(curve, result.losses, result.seconds)
 
@@ -321,6 +344,7 @@ class Comparison:
     seeds: tuple[int, ...]
     steps: int
     seconds: float = 0.0
+    eval_chars: int | None = EVAL_CHARS  # characters scored per validation text (None: all of it)
 
     METRICS = (("target", "target loss"), ("target_accuracy", "target accuracy"), ("source", "source loss"))
 
@@ -360,8 +384,9 @@ class Comparison:
         return lines
 
     def to_text(self) -> str:
-        head = (f"Task {self.task.name}: {self.steps} steps, seeds {list(self.seeds)}; exact loss on the first "
-                f"{EVAL_CHARS:,} characters of each validation text; mean ± std (n-1) over seeds; lr = the rate "
+        scored = "all the characters" if self.eval_chars is None else f"the first {self.eval_chars:,} characters"
+        head = (f"Task {self.task.name}: {self.steps} steps, seeds {list(self.seeds)}; exact loss on {scored} "
+                "of each validation text; mean ± std (n-1) over seeds; lr = the rate "
                 "chosen from each method's grid on the first seed (lowest target loss).")
         sweeps = [f"lr sweep {res.method.label}: " + ", ".join(f"{lr:g} -> {v:.4f}" for lr, v in res.sweep.items())
                   + (" (best at the grid's edge: widen the grid)" if len(res.sweep) > 1 and res.chosen_lr in
@@ -385,7 +410,8 @@ def compare(base_model: GPT, task: Task, tokenizer, methods: list[Method], *, se
     say = log or (lambda line: None)
     t0 = time.perf_counter()
     digest = model_digest(base_model) if cache is not False else None
-    base = task_scores(base_model, encode(task, tokenizer), eval_chars)
+    with one_cpu_thread("cpu"):  # the base row is scored like every curve point
+        base = task_scores(base_model, encode(task, tokenizer), eval_chars)
     results = []
     for method in methods:
         def run(lr, seed):
@@ -403,7 +429,7 @@ def compare(base_model: GPT, task: Task, tokenizer, methods: list[Method], *, se
         best = min(finite, key=finite.get)
         runs = [first[best]] + [run(best, seed) for seed in seeds[1:]]
         results.append(MethodResult(method, best, sweep, runs))
-    return Comparison(task, base, results, seeds, steps, time.perf_counter() - t0)
+    return Comparison(task, base, results, seeds, steps, time.perf_counter() - t0, eval_chars)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,36 +437,45 @@ def compare(base_model: GPT, task: Task, tokenizer, methods: list[Method], *, se
 
 
 def lora_vs_full(base_model: GPT, task: Task, tokenizer, *, r: int = 8, sweep: bool = False, seeds=SEEDS,
-                 steps: int = STEPS, cache=None, device: str = "cpu", log=None) -> Comparison:
+                 steps: int = STEPS, cache=None, device: str = "cpu", log=None, lora_rates=None, full_rates=None,
+                 eval_chars: int | None = EVAL_CHARS, curve_points: int = CURVE_POINTS) -> Comparison:
     """Base vs LoRA (r, alpha 16, attention) vs full fine-tuning. sweep=False runs each method at the rate the
-    protocol chose (LORA_LEARNING_RATE, FULL_LEARNING_RATE): 6 runs. sweep=True sweeps both grids: 14 runs."""
-    lora_rates = LORA_LEARNING_RATES if sweep else (LORA_LEARNING_RATE,)
-    full_rates = FULL_LEARNING_RATES if sweep else (FULL_LEARNING_RATE,)
+    protocol chose (LORA_LEARNING_RATE, FULL_LEARNING_RATE): 6 runs. sweep=True sweeps both grids: 14 runs.
+    lora_rates / full_rates: a grid of one's own for that method (overrides `sweep` for it)."""
+    if lora_rates is None:
+        lora_rates = LORA_LEARNING_RATES if sweep else (LORA_LEARNING_RATE,)
+    if full_rates is None:
+        full_rates = FULL_LEARNING_RATES if sweep else (FULL_LEARNING_RATE,)
     return compare(base_model, task, tokenizer, [lora_method(r, learning_rates=lora_rates), full_method(full_rates)],
-                   seeds=seeds, steps=steps, cache=cache, train_overrides={"device": device}, log=log)
+                   seeds=seeds, steps=steps, cache=cache, train_overrides={"device": device}, log=log,
+                   eval_chars=eval_chars, curve_points=curve_points)
 
 
 def norm_by_rank(base_model: GPT, task: Task, tokenizer, ranks=(1, 4, 16), *, alpha=ALPHA,
                  learning_rate: float = LORA_LEARNING_RATE, seeds=SEEDS, steps: int = STEPS, cache=None,
-                 log=None) -> Comparison:
+                 log=None, eval_chars: int | None = EVAL_CHARS, curve_points: int = 2,
+                 device: str = "cpu") -> Comparison:
     """One LoRA run per rank and seed at one learning rate, to read ‖ΔW‖_F against r (delta_norm_rows).
     alpha: a number for every rank (default 16: scale alpha / r, lora_lab's and the LoRA paper's rule), or a
     function of r (e.g. `lambda r: 2 * r` for a constant scale, `lambda r: 4 * r ** 0.5` for rsLoRA's)."""
     methods = [lora_method(r, learning_rates=[learning_rate], alpha=alpha(r) if callable(alpha) else alpha)
                for r in ranks]
-    return compare(base_model, task, tokenizer, methods, seeds=seeds, steps=steps, cache=cache, curve_points=2, log=log)
+    return compare(base_model, task, tokenizer, methods, seeds=seeds, steps=steps, cache=cache,
+                   curve_points=curve_points, eval_chars=eval_chars, log=log, train_overrides={"device": device})
 
 
 def attention_vs_mlp(base_model: GPT, task: Task, tokenizer, attention_rank: int = 5, *,
                      learning_rate: float = LORA_LEARNING_RATE, seeds=SEEDS, steps: int = STEPS, cache=None,
-                     log=None) -> Comparison:
+                     log=None, eval_chars: int | None = EVAL_CHARS, curve_points: int = 2,
+                     device: str = "cpu") -> Comparison:
     """LoRA on the attention projections only vs on the MLP only, at an equal parameter budget
     (equal_budget_ranks), each at `learning_rate`."""
     attn_r, mlp_r = equal_budget_ranks(base_model, attention_rank)
     methods = [lora_method(attn_r, learning_rates=[learning_rate], label=f"attention r={attn_r}"),
                lora_method(mlp_r, targets=("up_proj", "down_proj"), learning_rates=[learning_rate],
                            label=f"MLP r={mlp_r}")]
-    return compare(base_model, task, tokenizer, methods, seeds=seeds, steps=steps, cache=cache, curve_points=2, log=log)
+    return compare(base_model, task, tokenizer, methods, seeds=seeds, steps=steps, cache=cache,
+                   curve_points=curve_points, eval_chars=eval_chars, log=log, train_overrides={"device": device})
 
 
 def lr_ratio(comparison: Comparison, lora_label: str, full_label: str = "full FT") -> float:
@@ -512,6 +547,11 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
 
 def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
+    """comparison_figure saved as a PNG at `path`."""
+    return save_figure(comparison_figure(comparison), path)
+
+
+def comparison_figure(comparison: Comparison):
     """Target loss (left) and source loss (right, forgetting) against step: each method's seed mean with its
     min..max band, and the base as a dashed line. Points are the table's estimator, so step 0 of LoRA sits on
     the base line and the last points are the table's means."""
@@ -529,7 +569,7 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
         ax.set_title(f"{comparison.task.name}: {name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    return fig
 
 
 COMPARE_OUTPUT_FORMAT = "lora_lab.compare.v1"  # the tag of a folder write_comparison writes into
@@ -544,7 +584,7 @@ def write_comparison(comparison: Comparison, out_dir: str | os.PathLike) -> dict
     """comparison.md (the table, sweeps and noise lines), comparison.json (every run) and curves.png."""
     out = check_compare_output(out_dir)
     record = {"task": comparison.task.name, "steps": comparison.steps, "seeds": list(comparison.seeds),
-              "eval_chars": EVAL_CHARS, "base": comparison.base,
+              "eval_chars": comparison.eval_chars, "base": comparison.base,
               "methods": [{"label": r.method.label, "lora": r.method.lora.to_dict() if r.method.lora else None,
                            "chosen_lr": r.chosen_lr, "sweep": {f"{lr:g}": v for lr, v in r.sweep.items()},
                            "runs": [run.to_dict() for run in r.runs]} for r in comparison.results]}

@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import math
+import time
 from dataclasses import dataclass, fields, replace
 
 import ipywidgets as W
@@ -636,8 +637,12 @@ class SettingResult:
 class RankDashboard(_Widget):
     """Rank, target matrices and LoRA variant in; trainable parameters, adapter size, optimizer memory and quality out.
 
-    Quality is the target-domain validation loss after a short fine-tune, computed once per setting and
-    cached, so moving a control back to a setting already seen is instant (`from_cache` tells which).
+    Quality is the target-domain validation loss after a short fine-tune (finetune's estimator,
+    protocol.task_scores), computed once per setting and cached, so moving a control back to a setting already
+    seen is instant (`from_cache` tells which). While an uncached setting trains, a status line names it and a
+    progress bar advances at each measured point of its curve. "Training memory" counts what training adds for the trainable weights:
+    their fp32 gradients and AdamW's two moments (12 bytes each); the frozen weights (the same for every
+    setting) and the activations are not counted.
     `evaluate(lora_config_or_None) -> {"target": loss, "source": loss}` does the fine-tuning; by default it
     is `finetune.finetune` without a progress bar: LoRA with `train_config`, full fine-tuning (the reference
     point, `include_full`) with `full_train_config`, by default the full fine-tuning defaults at the same
@@ -685,8 +690,11 @@ class RankDashboard(_Widget):
                                         rows=len(TARGET_GROUPS))
         self.variant = W.Dropdown(options=list(VARIANTS), value=variant, description="variant")
         self.numbers = W.HTML()
+        self.status = W.Label()  # what is training now, or where the shown numbers came from
+        self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="training")  # steps done / total
         self.plot = W.Output()
-        self.widget = W.VBox([W.HBox([self.rank, self.targets, self.variant]), self.numbers, self.plot])
+        self.widget = W.VBox([W.HBox([self.rank, self.targets, self.variant]), self.numbers, self.status,
+                              self.progress, self.plot])
         if include_full:
             self.full = self._result(None, ())
         else:
@@ -704,11 +712,15 @@ class RankDashboard(_Widget):
 
     def _finetune(self, lora: LoRAConfig | None) -> dict[str, float]:
         cfg = self.train_config if lora is not None else self.full_train_config
+        self.progress.value = 0.0
         res = finetune(self.base_model, self.task, self.tokenizer, lora, cfg, progress=False,
-                       base_losses=self._base_losses)
+                       base_losses=self._base_losses, on_point=self._show_progress)
         self._base_losses = res.base_losses
         self.base_losses = dict(res.base_losses)
         return res.losses
+
+    def _show_progress(self, step: int, steps: int) -> None:
+        self.progress.value = step / max(steps, 1)
 
     def _result(self, r: int | None, groups, variant: str | None = None) -> SettingResult:
         groups = tuple(g for g in TARGET_GROUPS if g in groups)  # canonical order: the cache key
@@ -717,7 +729,12 @@ class RankDashboard(_Widget):
         self.from_cache = key in self.results
         if not self.from_cache:
             config = None if r is None else self.lora_config(r, groups, variant)
+            name = "full fine-tuning" if r is None else SettingResult(r, groups, 0, 0, 0, 0.0, 0.0, variant).label
+            steps = getattr(self.train_config if r is not None else self.full_train_config, "max_iters", None)
+            self.status.value = f"fine-tuning {name}{f' ({steps} steps)' if steps else ''}: not in the cache yet..."
+            t0 = time.perf_counter()
             losses = self._evaluate(config)
+            self.status.value = f"{name}: fine-tuned in {time.perf_counter() - t0:.1f} s, now cached"
             if r is None:
                 trainable = self.base_params
                 stored = trainable * FP32_BYTES
@@ -749,10 +766,13 @@ class RankDashboard(_Widget):
         self.error = ""
         self.current = self._result(self.rank.value, self.targets.value, self.variant.value)
         c = self.current
+        if self.from_cache:
+            self.status.value = f"{c.label}: from the cache (no new fine-tune)"
         self.numbers.value = (
             f"<b>{c.label}</b>: {c.trainable_params:,} trainable parameters "
             f"({c.trainable_params / self.base_params:.2%} of the base); adapter {format_bytes(c.adapter_bytes)}; "
-            f"gradients + AdamW state {format_bytes(c.optimizer_bytes)}; target loss {c.target_loss:.3f}, "
+            f"training memory {format_bytes(c.optimizer_bytes)} (gradients + AdamW moments of the trainable "
+            f"weights); target loss {c.target_loss:.3f}, "
             f"source loss {c.source_loss:.3f}" + (" (cached)" if self.from_cache else "")
         )
         self._draw()
@@ -761,17 +781,19 @@ class RankDashboard(_Widget):
         show_figure(self.plot, self.figure(), "quality vs memory")
 
     def figure(self) -> Figure:
-        """Target loss against training memory for every setting computed so far; the current one ringed."""
-        fig = Figure(figsize=(7, 4))
+        """Target loss against training memory for every setting computed so far; the current one ringed.
+
+        Each setting has its own marker, named in the legend beside the axes: labels written next to the points
+        overlapped wherever two settings cost about the same memory."""
+        fig = Figure(figsize=(9, 4), layout="constrained")
         ax = fig.subplots()
-        points = [res for res in self.results.values() if res.r is not None]
-        ax.scatter([p.optimizer_bytes for p in points], [p.target_loss for p in points], color="C0",
-                   label="LoRA settings tried")
-        for p in points:
-            ax.annotate(p.label, (p.optimizer_bytes, p.target_loss), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+        points = sorted((res for res in self.results.values() if res.r is not None),
+                        key=lambda p: (p.optimizer_bytes, p.label))
+        for i, p in enumerate(points):
+            ax.scatter([p.optimizer_bytes], [p.target_loss], color=f"C{i % 10}", marker="os^Dv<>P*X"[i // 10 % 10],
+                       label=p.label)
         if self.full is not None:
-            ax.scatter([self.full.optimizer_bytes], [self.full.target_loss], marker="s", color="C1",
+            ax.scatter([self.full.optimizer_bytes], [self.full.target_loss], marker="s", color="k",
                        label="full fine-tuning")
         if getattr(self, "base_losses", None):
             ax.axhline(self.base_losses["target"], color="k", linestyle="--", linewidth=1, label="base model")
@@ -780,11 +802,11 @@ class RankDashboard(_Widget):
             ax.scatter([current.optimizer_bytes], [current.target_loss], s=250, facecolors="none",
                        edgecolors="C3", linewidths=2, label="current choice")
         ax.set_xscale("log")
-        ax.set_xlabel("gradients + AdamW state (bytes, log scale)")
+        ax.set_xlabel("training memory: gradients + AdamW moments of the trainable weights\n"
+                      "(bytes, log scale; frozen weights and activations not counted)")
         ax.set_ylabel("target validation loss (lower is better)")
         ax.set_title(f"quality vs training memory{f' on {self.task.name}' if self.task is not None else ''}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
         return fig
 
     def table(self) -> str:

@@ -84,10 +84,11 @@ def test_check_uniform_loss_and_count_parameters():
 
 
 class _LoRA(nn.Module):
-    def __init__(self, base, r, alpha, scale_by_r=True, zero_b=True, freeze=True):
+    def __init__(self, base, r, alpha, scale_by_r=True, zero_b=True, freeze=True, zero_a=False):
         super().__init__()
         self.base = base.requires_grad_(not freeze)
-        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))
+        a = torch.zeros(r, base.in_features) if zero_a else torch.randn(r, base.in_features) / math.sqrt(base.in_features)
+        self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r) if zero_b else torch.randn(base.out_features, r))
         self.scale = alpha / r if scale_by_r else alpha
 
@@ -100,6 +101,10 @@ def test_check_lora_layer():
     assert "alpha / r" in failures(exercises.check_lora_layer(lambda b, r, a: _LoRA(b, r, a, scale_by_r=False)))
     assert "zero" in failures(exercises.check_lora_layer(lambda b, r, a: _LoRA(b, r, a, zero_b=False)))
     assert "frozen" in failures(exercises.check_lora_layer(lambda b, r, a: _LoRA(b, r, a, freeze=False)))
+    # A = 0 and B = 0: the output is the base's and every later check passes, but nothing can ever learn
+    saddle = exercises.check_lora_layer(lambda b, r, a: _LoRA(b, r, a, zero_a=True))
+    assert not saddle.ok and "saddle point" in failures(saddle) and "A should start random" in failures(saddle)
+    assert "computes exactly the base layer" in str(saddle)  # what is right is still reported right
 
 
 def test_check_lora_layer_leaves_the_global_rng_alone():

@@ -2,6 +2,7 @@
 sweep, seeds and spreads, the noise line and the run cache. Runs on the tiny synthetic base of test_finetune."""
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from lora_lab import GPT, LoRAConfig, apply_lora, train
 from lora_lab.files import CorruptFileError
 from lora_lab.protocol import (
-    Comparison, Method, MethodResult, Run, above_noise, compare, curve_steps, delta_norm_rows, encode,
+    Comparison, Method, MethodResult, Run, above_noise, compare, comparison_figure, curve_steps, delta_norm_rows, encode,
     equal_budget_ranks, full_method, lora_method, lr_ratio, mean_spread, plot_comparison, protocol_train_config,
     run_once, runs_dir, split_scores, task_scores, train_with_curve,
 )
@@ -111,6 +112,12 @@ def test_compare_picks_the_best_rate_of_the_grid_and_runs_every_seed(setup, tmp_
     assert res.values("target")[0] == res.sweep[1e-2]
     path = plot_comparison(comp, tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the figure's points are the table's numbers: step 0 on the base line, the last point the seed mean
+    for ax, key in zip(comparison_figure(comp).axes, ("target", "source")):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        (mean_line,) = [line for label, line in lines.items() if label.startswith("LoRA r=2 (lr 0.01)")]
+        assert mean_line.get_ydata()[0] == comp.base[key] == lines["base"].get_ydata()[0]
+        assert mean_line.get_ydata()[-1] == statistics.fmean(res.values(key))
     (row,) = delta_norm_rows(comp)
     assert row["r"] == 2 and row["alpha"] == 16.0 and row["delta_norm"] > 0
 

@@ -374,6 +374,33 @@ def test_rank_dashboard_caches_each_setting(tiny_config):
     assert image_of(dash.plot) and len(dash.figure().axes) == 1
 
 
+def test_rank_dashboard_says_what_trains_and_names_every_point_in_a_legend(tiny_config):
+    statuses = []
+
+    def evaluate(lora):
+        statuses.append(dash_status[0].value if dash_status else "")
+        return {"target": 2.0 if lora is None else 2.0 + 1 / lora.r, "source": 1.5}
+
+    dash_status = []
+    model = GPT(tiny_config)
+    dash = widgets.RankDashboard(model, ranks=(1, 2, 4), r=2, groups=("Wq", "Wv"), evaluate=evaluate,
+                                 include_full=False)
+    dash_status.append(dash.status)
+    assert dash.status.value.startswith("r=2 Wq+Wv: fine-tuned in ")
+    dash.rank.value = 4
+    assert statuses[-1] == "fine-tuning r=4 Wq+Wv: not in the cache yet..."  # shown while it trains
+    dash.rank.value = 2
+    assert dash.status.value == "r=2 Wq+Wv: from the cache (no new fine-tune)"
+    assert "training memory" in dash.numbers.value and "gradients + AdamW moments" in dash.numbers.value
+    # two settings with the same memory (r=4 on Wq alone, r=2 on Wq+Wv): each named once, in the legend
+    dash.compute_all([(4, ("Wq",)), (1, ("Wq", "Wv"))])
+    ax = dash.figure().axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    settings = [p.label for p in dash.results.values()]
+    assert all(labels.count(label) == 1 for label in settings) and not ax.texts  # no labels drawn on the points
+    assert "frozen weights and activations not counted" in ax.get_xlabel()
+
+
 def test_rank_dashboard_rejects_bad_settings(tiny_config):
     model = GPT(tiny_config)
     fake = lambda lora: {"target": 1.0, "source": 1.0}  # noqa: E731
@@ -386,7 +413,7 @@ def test_rank_dashboard_rejects_bad_settings(tiny_config):
 
 
 def test_rank_dashboard_fine_tunes_for_real(tiny_model_and_tokenizer):
-    from lora_lab.finetune import finetune_config
+    from lora_lab.finetune import finetune, finetune_config
     from lora_lab.tasks import Task
 
     model, tok = tiny_model_and_tokenizer
@@ -395,6 +422,11 @@ def test_rank_dashboard_fine_tunes_for_real(tiny_model_and_tokenizer):
     cfg = finetune_config(max_iters=4, batch_size=2, eval_iters=1)
     dash = widgets.RankDashboard(model, task, tok, cfg, ranks=(1, 2), r=1, groups=("Wq",), include_full=False)
     assert dash.full is None and dash.fine_tunes == 1
+    assert dash.progress.value == 1.0  # the bar reached the last step of the fine-tune
+    seen = []
+    ft_points = finetune(model, task, tok, None, cfg, progress=False, curve_points=3,
+                         on_point=lambda step, steps: seen.append((step, steps)))
+    assert seen == [(0, 4), (2, 4), (4, 4)] and [p["step"] for p in ft_points.curve] == [0, 2, 4]
     # full fine-tuning, when asked for, gets its own (smaller) learning rate at the same budget
     full_defaults = finetune_config(full=True)
     assert dash.full_train_config.learning_rate == full_defaults.learning_rate != cfg.learning_rate
