@@ -379,8 +379,7 @@ def compare_methods(
     """
     lora_res = finetune(base_model, task, tokenizer, lora, lora_train_config, progress, **eval_options)
     full_res = finetune(
-        base_model, task, tokenizer, None, full_train_config, progress, base_losses=lora_res.base_losses,
-        **eval_options,
+        base_model, task, tokenizer, None, full_train_config, progress, **eval_options,
     )
     total = base_model.num_parameters()
     rows = [

@@ -679,7 +679,6 @@ class RankDashboard(_Widget):
         # one rate per rank for speed; protocol.compare sweeps the rate per rank for a fair comparison.
         self.alpha = float(alpha)
         self._evaluate = evaluate or self._finetune
-        self._base_losses = None
         self.results: dict[tuple, SettingResult] = {}
         self.fine_tunes = 0  # how many times evaluate ran (cache misses)
         self.from_cache = False
@@ -714,8 +713,7 @@ class RankDashboard(_Widget):
         cfg = self.train_config if lora is not None else self.full_train_config
         self.progress.value = 0.0
         res = finetune(self.base_model, self.task, self.tokenizer, lora, cfg, progress=False,
-                       base_losses=self._base_losses, on_point=self._show_progress)
-        self._base_losses = res.base_losses
+                       on_point=self._show_progress)
         self.base_losses = dict(res.base_losses)
         return res.losses
 
