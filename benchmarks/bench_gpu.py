@@ -5,8 +5,9 @@ machine slows all of them alike), the median ms/step and tokens/s of timed windo
 
   1. nanoGPT (its model.py and its training recipe: fused AdamW, pinned batches, loss read every 10 steps)
      vs lora_lab.train (full training), eager and torch.compile'd;
-  2. LoRA r=8 on q/k/v/o vs full training, eager and compiled (both through lora_lab.train);
-  3. the unmerged LoRA forward vs the base forward (eval, no grad);
+  2. LoRA r=8 on q/k/v/o vs full training, eager and compiled (both through lora_lab.train), with and without
+     the q/k/v fast path (lora_lab.fused; "reference layers" runs each LoRALinear.forward on its own);
+  3. the unmerged LoRA forward vs the base forward (eval, no grad), with and without the fast path;
   4. peak CUDA memory of full vs LoRA training, with and without activation checkpointing, next to what
      the tensor count predicts (grads + AdamW's two moments of the weights LoRA freezes);
   5. the `small` preset's pretraining: time to validation loss 1.47, and best vs last validation loss.
@@ -19,6 +20,10 @@ GPU (the 10.65M config: 6 layers, 6 heads, 384 dims, block 256, batch 64, dropou
 CPU (nanoGPT's baby config: 4 layers, 4 heads, 128 dims, block 64, batch 12; sections 1 and 5 only):
 
     python benchmarks/bench_gpu.py --device cpu --nanogpt ../shared/anchors/nanogpt --out cpu.json
+
+Operators per step of the GPU-size model, counted on a CPU (about one kernel each on a GPU):
+
+    python benchmarks/bench_gpu.py --device cpu --size gpu --batch 2 --sections kernels --nanogpt ...
 
 --smoke runs every section at toy sizes on the CPU, to test the script itself: about a minute, plus a few
 more for torch.compile's C++ builds in the "compiled" section.
@@ -43,8 +48,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lora_lab import GPT, PRESETS, CharDataset, CharTokenizer, GPTConfig, LoRAConfig, TrainConfig, apply_lora, tasks
+from lora_lab import (GPT, PRESETS, CharDataset, CharTokenizer, GPTConfig, LoRAConfig, TrainConfig, apply_lora,
+                      lora_layers, tasks)
 from lora_lab import train as lora_lab_train
+from lora_lab.costs import OperatorCount
 from lora_lab.train import autocast_for, pick_device
 
 LORA = LoRAConfig(r=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -216,6 +223,9 @@ def section_throughput(args, ng, size, device, train_tokens, compiled: bool) -> 
     if device.type != "cpu" or args.smoke:
         runs["lora_lab LoRA"] = LoraLabRun(apply_lora(copy.deepcopy(base), LORA), train_tokens, None, batch,
                                            compiled, device)
+        if not compiled:  # the same LoRA without the q/k/v fast path (lora_lab.fused)
+            runs["lora_lab LoRA, reference layers"] = LoraLabRun(reference_lora(apply_lora(copy.deepcopy(base), LORA)),
+                                                                 train_tokens, None, batch, compiled, device)
     if hasattr(base, "check_token_ids") and not compiled:  # what GPT.forward's id check costs (it reads min/max)
         unchecked = copy.deepcopy(base)
         unchecked.check_token_ids = lambda *a, **k: None
@@ -231,6 +241,9 @@ def section_throughput(args, ng, size, device, train_tokens, compiled: bool) -> 
     res["lora_lab / nanoGPT tokens/s"] = round(res["lora_lab full"]["tokens_per_s"] / res["nanoGPT"]["tokens_per_s"], 3)
     if "lora_lab LoRA" in res:
         res["LoRA / full step time"] = round(res["lora_lab LoRA"]["ms_per_step"] / res["lora_lab full"]["ms_per_step"], 3)
+    if "lora_lab LoRA, reference layers" in res:
+        res["LoRA reference / full step time"] = round(
+            res["lora_lab LoRA, reference layers"]["ms_per_step"] / res["lora_lab full"]["ms_per_step"], 3)
     notes = {n: r.notes for n, r in runs.items() if isinstance(r, LoraLabRun) and r.notes}
     if notes:
         res["notes"] = notes
@@ -249,7 +262,8 @@ def section_forward(args, size, device) -> None:
     for p in lora.parameters():  # B starts at zero; give it values, as after training
         if p.requires_grad:
             p.normal_(0, 0.02)
-    base.eval(), lora.eval()
+    reference = reference_lora(copy.deepcopy(lora))
+    base.eval(), lora.eval(), reference.eval()
     x = torch.randint(0, 65, (batch, block), device=device)
 
     def forwards(model):
@@ -259,8 +273,8 @@ def section_forward(args, size, device) -> None:
                     model(x)
         return run
 
-    times = {"base": [], "LoRA unmerged": []}
-    fns = {"base": forwards(base), "LoRA unmerged": forwards(lora)}
+    fns = {"base": forwards(base), "LoRA unmerged": forwards(lora), "LoRA unmerged, reference layers": forwards(reference)}
+    times = {name: [] for name in fns}
     for w in range(1 + args.windows):
         for name, fn in fns.items():
             ms = timed_window(fn, args.steps, device)
@@ -268,6 +282,8 @@ def section_forward(args, size, device) -> None:
                 times[name].append(ms)
     res = {name: summary(ts, batch * block) for name, ts in times.items()}
     res["unmerged / base"] = round(res["LoRA unmerged"]["ms_per_step"] / res["base"]["ms_per_step"], 3)
+    res["unmerged reference / base"] = round(
+        res["LoRA unmerged, reference layers"]["ms_per_step"] / res["base"]["ms_per_step"], 3)
     RESULTS["forward"] = res
     for name, value in res.items():
         log(f"  {name}: {value}")
@@ -310,39 +326,62 @@ def section_memory(args, size, device, train_tokens) -> None:
         log(f"  {name}: {value}")
 
 
-def section_kernels(args, size, device, train_tokens) -> None:
-    """What one eager training step launches, full vs LoRA: kernel count and summed kernel time. In the
-    small-model regime a step costs about (kernels x launch time), so this shows what LoRA's branch adds."""
+def reference_lora(model: GPT) -> GPT:
+    """LoRA without its q/k/v fast path: every adapted layer runs LoRALinear.forward on its own."""
+    for layer in lora_layers(model).values():
+        layer.fuse_with_siblings = False
+    return model
+
+
+def section_kernels(args, ng, size, device, train_tokens) -> None:
+    """What one eager training step launches, nanoGPT vs lora_lab, full vs LoRA: kernel count and summed
+    kernel time. In the small-model regime a step costs about (kernels x launch time), so this shows what
+    LoRA's branch adds. On a CPU it counts aten operators (each is about one kernel on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     n_layer, n_head, n_embd, block, batch, dropout = size
-    log("\n## Kernels per eager training step (torch.profiler), full vs LoRA")
+    log("\n## Kernels per eager training step (torch.profiler), nanoGPT, full, LoRA (fast path and reference)")
     config = GPTConfig(vocab_size=65, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     res = {}
-    for method in ("full", "LoRA", "floor (all frozen but the embedding)"):
+    for method in ("nanoGPT", "full", "LoRA", "LoRA, reference layers", "floor (all frozen but the embedding)"):
         torch.manual_seed(0)
         model = GPT(config)
-        if method == "LoRA":
+        if method.startswith("LoRA"):
             model = apply_lora(model, LORA)
+            if "reference" in method:
+                reference_lora(model)
         elif method.startswith("floor"):
             model.requires_grad_(False).tok_emb.weight.requires_grad_(True)
-        run = LoraLabRun(model, train_tokens, None, batch, False, device)
-        run.window(3)  # warm-up: allocator, cuBLAS handles, fused-AdamW state
-        with profile(activities=activities) as prof:
-            run.window(5)
-        events = [e for e in prof.events() if (e.device_type.name == "CUDA") == (device.type == "cuda")]
+        if method == "nanoGPT":
+            run = NanoGPTRun(ng, size, args.nanogpt / "data" / "shakespeare_char", device, compiled=False)
+            window = run.steps
+        else:
+            window = LoraLabRun(model, train_tokens, None, batch, False, device).window
+        window(3)  # warm-up: allocator, cuBLAS handles, fused-AdamW state
         if device.type == "cuda":
-            kernel_us = sum(e.device_time for e in events) / 5
-            gemm_us = sum(e.device_time for e in events if any(
-                word in e.name.lower() for word in ("gemm", "nvjet", "cutlass", "sm90_xmma"))) / 5
-        else:  # no kernels on a CPU: count the aten ops instead, and leave the times out
-            events = [e for e in events if e.name.startswith("aten::")]
-            kernel_us = gemm_us = None
-        res[method] = {"kernels_per_step": round(len(events) / 5)}
-        if kernel_us is not None:
-            res[method].update(kernel_ms_per_step=round(kernel_us / 1000, 3), gemm_ms_per_step=round(gemm_us / 1000, 3))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                window(5)
+            events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+            res[method] = {"kernels_per_step": round(len(events) / 5),
+                           "kernel_ms_per_step": round(sum(e.device_time for e in events) / 5000, 3),
+                           "gemm_ms_per_step": round(sum(e.device_time for e in events if any(
+                               word in e.name.lower() for word in ("gemm", "nvjet", "cutlass", "sm90_xmma"))) / 5000, 3)}
+        else:  # no kernels on a CPU: count the operators that would launch one
+            with OperatorCount() as ops:
+                window(5)
+            res[method] = {"operators_per_step": round(ops.count / 5)}
         log(f"  {method}: {res[method]}")
+    if device.type == "cpu":  # the unmerged forward's operators (eval, no grad): what the forward-latency goal pays
+        torch.manual_seed(0)
+        base = GPT(config).eval()
+        x = torch.randint(0, 65, (batch, block))
+        for method, model in (("forward: base", base),
+                              ("forward: LoRA unmerged", apply_lora(copy.deepcopy(base), LORA)),
+                              ("forward: LoRA unmerged, reference layers", reference_lora(apply_lora(copy.deepcopy(base), LORA)))):
+            with torch.no_grad(), autocast_for(device), OperatorCount() as ops:
+                model(x)
+            res[method] = {"operators": ops.count}
+            log(f"  {method}: {res[method]}")
     RESULTS["kernels"] = res
 
 
@@ -434,6 +473,10 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=200, help="batches for the CPU quality run's val loss")
     parser.add_argument("--target-val", type=float, default=1.47, help="validation loss to time the preset to")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+                        help="model and batch sizes (default: gpu on a GPU, cpu on a CPU, smoke with --smoke)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size instead of the size's own (e.g. to "
+                        "count a GPU-size step's kernels on a CPU, where the count does not depend on the batch)")
     parser.add_argument("--no-levers", dest="levers", action="store_false",
                         help="skip the eager variants that switch train()'s speed levers off one at a time")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -446,7 +489,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu") if args.smoke else pick_device(args.device)
-    size = SIZES["smoke" if args.smoke else ("cpu" if device.type == "cpu" else "gpu")]
+    size = SIZES[args.size or ("smoke" if args.smoke else ("cpu" if device.type == "cpu" else "gpu"))]
+    if args.batch:
+        size = size[:4] + (args.batch,) + size[5:]
     args.steps = args.steps or (3 if args.smoke else (30 if device.type == "cpu" else 20))
     args.windows = args.windows or (2 if args.smoke else 5)
     if args.smoke:
@@ -481,7 +526,7 @@ def main() -> None:
         elif section == "compiled":
             section_throughput(args, ng, size, device, train_tokens, compiled=True)
         elif section == "kernels":
-            section_kernels(args, size, device, train_tokens)
+            section_kernels(args, ng, size, device, train_tokens)
         elif section == "memory":
             section_memory(args, size, device, train_tokens)
         elif section == "forward":

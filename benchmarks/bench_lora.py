@@ -78,6 +78,13 @@ def with_random_B(model, seed=0):
     return model
 
 
+def reference_layers(model):
+    """LoRA without the q/k/v fast path (lora_lab.fused): each adapted layer runs LoRALinear.forward alone."""
+    for layer in lora_layers(model).values():
+        layer.fuse_with_siblings = False
+    return model
+
+
 def peft_model(base, lora: LoRAConfig):
     peft = require_peft()
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.targets),
@@ -98,6 +105,7 @@ def bench_training(base, device, batch, rounds):
     models = {
         "full fine-tune": copy.deepcopy(base),
         "lora_lab LoRA": apply_lora(copy.deepcopy(base), LORA),
+        "LoRA, reference layers": reference_layers(apply_lora(copy.deepcopy(base), LORA)),
         "PEFT LoRA": peft_model(base, LORA),
         "floor (no A/B)": floor,
     }
@@ -139,12 +147,14 @@ def bench_training(base, device, batch, rounds):
     full, ours, peft = med["full fine-tune"], med["lora_lab LoRA"], med["PEFT LoRA"]
     for name, t in med.items():
         g, s = memory[name]
-        print(f"  {name:<15} {t * 1000:9.1f} ms/step   fwd+bwd {flops[name] / 1e9:7.2f} GFLOP   "
+        print(f"  {name:<22} {t * 1000:9.1f} ms/step   fwd+bwd {flops[name] / 1e9:7.2f} GFLOP   "
               f"grads {g / 2**20:8.3f} MiB   optimizer state {s / 2**20:8.3f} MiB")
     flop_ratio = flops["lora_lab LoRA"] / flops["full fine-tune"]
     print(f"  LoRA / full step time:      {ours / full:.3f}x   (FLOP ratio {flop_ratio:.3f}; "
           f"floor / full {med['floor (no A/B)'] / full:.3f}x)")
     print(f"  lora_lab / PEFT step time:  {ours / peft:.3f}x")
+    print(f"  LoRA reference layers / full: {med['LoRA, reference layers'] / full:.3f}x   "
+          f"(the q/k/v fast path saves {(med['LoRA, reference layers'] - ours) * 1000:.1f} ms/step)")
     g_full, s_full = memory["full fine-tune"]
     g_lora, s_lora = memory["lora_lab LoRA"]
     print(f"  gradient memory LoRA / full: {g_lora / g_full:.4f}x   "
@@ -156,7 +166,8 @@ def bench_forward(base, device, rounds, gen_tokens):
     unmerged = with_random_B(apply_lora(copy.deepcopy(base), LORA)).to(device).eval()
     merged = copy.deepcopy(unmerged)
     merge_lora(merged)
-    models = {"base": base.to(device).eval(), "LoRA unmerged": unmerged, "LoRA merged": merged}
+    models = {"base": base.to(device).eval(), "LoRA unmerged": unmerged, "LoRA merged": merged,
+              "unmerged, reference layers": reference_layers(copy.deepcopy(unmerged))}
     T = base.config.block_size
     x32 = torch.randint(0, base.config.vocab_size, (32, T), generator=torch.Generator().manual_seed(1)).to(device)
     start = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -171,9 +182,9 @@ def bench_forward(base, device, rounds, gen_tokens):
     ev = timed_rounds({n: (lambda m=m: evaluate(m)) for n, m in models.items()}, rounds, device)
     ge = timed_rounds({n: (lambda m=m: generate(m)) for n, m in models.items()}, rounds, device)
     for n in models:
-        print(f"  {n:<14} batch-32 eval {ev[n] * 1000:9.1f} ms   "
+        print(f"  {n:<26} batch-32 eval {ev[n] * 1000:9.1f} ms   "
               f"batch-1 generation {ge[n] / gen_tokens * 1000:7.2f} ms/token")
-    for n in ("LoRA merged", "LoRA unmerged"):
+    for n in ("LoRA merged", "LoRA unmerged", "unmerged, reference layers"):
         print(f"  {n} / base: eval {ev[n] / ev['base']:.3f}x, generation {ge[n] / ge['base']:.3f}x")
     with torch.no_grad():
         diff = (merged(x32[:4])[0] - unmerged(x32[:4])[0]).abs().max().item()

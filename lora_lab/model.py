@@ -99,10 +99,10 @@ def rotary_pair_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tens
 
 def rotate_pairs(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
     """apply_rotary for x viewed as (B, T, n, H, 2, D/2) (n = 2: q and k together, each head's halves
-    split out): four kernels for q and k at once instead of fourteen; equal to apply_rotary (tested)."""
+    split out): a few kernels for q and k at once instead of fourteen; equal to apply_rotary (tested)."""
     T = x.size(1)
     cos2, sin2 = cos2[:T].to(x.dtype), sin2[:T].to(x.dtype)  # (T, 1, 1, 2, D/2)
-    swapped = torch.cat((x[..., 1:, :], x[..., :1, :]), dim=-2)  # (x1, x2) -> (x2, x1); cat beats flip on CPU
+    swapped = x.roll(1, dims=-2)  # (x1, x2) -> (x2, x1): one kernel, and one in backward
     return torch.addcmul(x * cos2, swapped, sin2)
 
 
@@ -139,24 +139,33 @@ class CausalSelfAttention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """q, k and v stacked as (B, T, 3, C). While all three are plain nn.Linear layers they run as one
-        matmul on their concatenated weights (one big kernel beats three small ones); once any is
-        replaced (by LoRA, say) each layer runs itself, so wrapping one of them just works."""
-        q, k, v = self.q_proj, self.k_proj, self.v_proj
-        if type(q) is nn.Linear and type(k) is nn.Linear and type(v) is nn.Linear:
-            weight = torch.cat((q.weight, k.weight, v.weight))  # (3C, C)
-            bias = None if q.bias is None else torch.cat((q.bias, k.bias, v.bias))
+        matmul on their concatenated weights (one big kernel beats three small ones). Layers of another
+        class that offers `forward_together(layers, x)` (LoRALinear does) compute themselves together the
+        same way; anything else (or a layer with forward hooks) runs itself, so wrapping one just works."""
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        kind = type(layers[0])
+        together = all(type(m) is kind and not m._forward_hooks and not m._forward_pre_hooks for m in layers)
+        qkv = None
+        if together and kind is nn.Linear:
+            weight = torch.cat([m.weight for m in layers])  # (3C, C)
+            bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
             qkv = F.linear(x, weight, bias)  # (B, T, 3C)
-            return qkv.unflatten(-1, (3, -1))
-        return torch.stack((q(x), k(x), v(x)), dim=2)
+        elif together and hasattr(kind, "forward_together"):
+            qkv = kind.forward_together(layers, x)  # (B, T, 3C), or None: the layers run themselves
+        if qkv is None:
+            return torch.stack([m(x) for m in layers], dim=2)
+        return qkv.unflatten(-1, (3, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         H = self.n_head
         qkv = self.project_qkv(x)  # (B, T, 3, C)
         if self.rotary:  # rotate q and k in one go: view each as two halves of H heads
-            qk = rotate_pairs(qkv[:, :, :2].unflatten(-1, (H, 2, -1)), self.rope_cos2, self.rope_sin2)
-            qk = qk.flatten(-3)  # (B, T, 2, C)
-            q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+            # split/unbind rather than indexing: their backward is one cat/stack, not a zero-filled copy per index
+            qk, v = qkv.split((2, 1), dim=2)  # (B, T, 2, C), (B, T, 1, C)
+            qk = rotate_pairs(qk.unflatten(-1, (H, 2, -1)), self.rope_cos2, self.rope_sin2)
+            q, k = qk.flatten(-3).unbind(2)  # (B, T, C) each
+            v = v.squeeze(2)
         else:
             q, k, v = qkv.unbind(2)  # (B, T, C) each
         q, k, v = (t.unflatten(-1, (H, C // H)).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) each

@@ -42,7 +42,7 @@ from .pretrained import cache_dir
 from .tasks import Task
 from .train import TrainConfig, pick_device, train
 
-PROTOCOL_VERSION = 2  # bump when a change makes cached runs incomparable (2: runs on one CPU thread)
+PROTOCOL_VERSION = 3  # bump when a change makes cached runs incomparable (2: one CPU thread; 3: q/k/v fast path)
 RUNS_FORMAT = "lora_lab.protocol_runs.v1"
 EVAL_CHARS = 8_192  # characters scored per split: ~0.3 s per split for the tiny preset on one busy CPU core
 CURVE_POINTS = 5  # evaluations per run, evenly spaced from step 0 to the last step

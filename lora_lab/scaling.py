@@ -71,6 +71,9 @@ def _traffic_worker(rank: int, world: int, port: int, model_config: dict, lora_c
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(rows, f)
+        # Leave together: a rank that tears its gloo connections down while its peer still holds them open can
+        # abort the peer ("terminate called without an active exception", seen once in chapter 09).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -2,9 +2,9 @@
 
 The declared order, lowest first (a module may import only from strictly earlier layers):
 
-    files, errors -> data, tasks -> model -> sampling, adapter_layers -> targets -> lora -> variants
+    files, errors -> data, tasks -> model -> sampling, adapter_layers -> targets, fused -> lora -> variants
     -> checkpoint -> adapters -> peft_interop, multi_adapter -> contract -> distributed -> train -> pretrained
-    -> protocol -> finetune, scaling -> outputs -> widgets -> exercises, tour -> cli
+    -> protocol -> finetune, scaling, costs -> outputs -> widgets -> exercises, tour -> cli
 
 That is the issue's data -> model -> lora -> train -> analysis/widgets -> cli, refined to today's modules:
 targeting (targets) and the variants sit with lora; adapters on disk and PEFT build on lora; the contract
@@ -21,9 +21,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_lab"
 LAYERS = [
-    ("files", "errors"), ("data", "tasks"), ("model",), ("sampling", "adapter_layers"), ("targets",), ("lora",),
+    ("files", "errors"), ("data", "tasks"), ("model",), ("sampling", "adapter_layers"), ("targets", "fused"), ("lora",),
     ("variants",), ("checkpoint",), ("adapters",), ("peft_interop", "multi_adapter"), ("contract",), ("distributed",),
-    ("train",), ("pretrained",), ("protocol",), ("finetune", "scaling"), ("outputs",), ("widgets",), ("exercises", "tour"), ("cli",),
+    ("train",), ("pretrained",), ("protocol",), ("finetune", "scaling", "costs"), ("outputs",), ("widgets",), ("exercises", "tour"), ("cli",),
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
