@@ -44,10 +44,12 @@ def test_q_k_v_together_equal_each_layer_alone(tiny_config, bias, variant):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_autocast_matches_the_reference_at_bf16_precision(tiny_config):
-    attn = adapted(tiny_config).blocks[0].attn
-    x = torch.randn(3, 7, tiny_config.n_embd)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_bf16_autocast_matches_the_reference_at_bf16_precision(tiny_config, device):
+    attn = adapted(tiny_config).blocks[0].attn.to(device)
+    x = torch.randn(3, 7, tiny_config.n_embd, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         fused, separate = attn.project_qkv(x), reference(attn, x)
     assert fused.dtype == separate.dtype == torch.bfloat16
     truth = reference(attn, x)  # fp32
