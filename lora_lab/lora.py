@@ -234,11 +234,12 @@ class LoRALinear(nn.Module):
         """The outputs of `layers` on the same x (the model's q, k and v), concatenated (..., Σd): the same sums
         as calling each layer, in three matmuls instead of nine (fused.grouped_linear; equal to the reference,
         tested). None where a layer cannot join, and the caller then runs each layer itself: a variant with
-        its own forward, forward hooks, `fuse_with_siblings = False`, LoRA dropout while training, unequal
-        scales, or a mix of merged/disabled and active layers."""
+        its own forward, `fuse_with_siblings = False`, LoRA dropout while training (one mask per layer), unequal
+        scales, or a mix of merged/disabled and active layers. (Module hooks are the caller's to check: it is
+        the caller that skips calling the modules.)"""
         joinable = all(
-            l.fuse_with_siblings and type(l).forward is LoRALinear.forward and not l._forward_hooks
-            and not l._forward_pre_hooks and (not l.training or isinstance(l.lora_dropout, nn.Identity))
+            l.fuse_with_siblings and type(l).forward is LoRALinear.forward
+            and (not l.training or isinstance(l.lora_dropout, nn.Identity))
             for l in layers)
         if not joinable or len({l.base.bias is None for l in layers}) > 1:
             return None
