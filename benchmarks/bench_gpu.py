@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from lora_lab import (GPT, PRESETS, CharDataset, CharTokenizer, GPTConfig, LoRAConfig, TrainConfig, apply_lora,
-                      lora_layers, tasks)
+                      set_fast_path, tasks)
 from lora_lab import train as lora_lab_train
 from lora_lab.costs import OperatorCount
 from lora_lab.train import autocast_for, pick_device
@@ -328,8 +328,7 @@ def section_memory(args, size, device, train_tokens) -> None:
 
 def reference_lora(model: GPT) -> GPT:
     """LoRA without its q/k/v fast path: every adapted layer runs LoRALinear.forward on its own."""
-    for layer in lora_layers(model).values():
-        layer.fuse_with_siblings = False
+    set_fast_path(model, False)
     return model
 
 

@@ -33,6 +33,7 @@ from lora_lab import (
     merge_lora,
     parameter_report,
     pick_device,
+    set_fast_path,
     save_adapter,
     save_checkpoint,
 )
@@ -78,10 +79,8 @@ def with_random_B(model, seed=0):
     return model
 
 
-def reference_layers(model):
-    """LoRA without the q/k/v fast path (lora_lab.fused): each adapted layer runs LoRALinear.forward alone."""
-    for layer in lora_layers(model).values():
-        layer.fuse_with_siblings = False
+def without_fast_path(model):
+    set_fast_path(model, False)  # each adapted layer runs LoRALinear.forward alone
     return model
 
 
@@ -105,7 +104,7 @@ def bench_training(base, device, batch, rounds):
     models = {
         "full fine-tune": copy.deepcopy(base),
         "lora_lab LoRA": apply_lora(copy.deepcopy(base), LORA),
-        "LoRA, reference layers": reference_layers(apply_lora(copy.deepcopy(base), LORA)),
+        "LoRA, reference layers": without_fast_path(apply_lora(copy.deepcopy(base), LORA)),
         "PEFT LoRA": peft_model(base, LORA),
         "floor (no A/B)": floor,
     }
@@ -167,7 +166,7 @@ def bench_forward(base, device, rounds, gen_tokens):
     merged = copy.deepcopy(unmerged)
     merge_lora(merged)
     models = {"base": base.to(device).eval(), "LoRA unmerged": unmerged, "LoRA merged": merged,
-              "unmerged, reference layers": reference_layers(copy.deepcopy(unmerged))}
+              "unmerged, reference layers": without_fast_path(copy.deepcopy(unmerged))}
     T = base.config.block_size
     x32 = torch.randint(0, base.config.vocab_size, (32, T), generator=torch.Generator().manual_seed(1)).to(device)
     start = torch.zeros(1, 1, dtype=torch.long, device=device)

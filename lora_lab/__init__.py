@@ -8,7 +8,7 @@ from .data import CharDataset, CharTokenizer, DataUnavailableError, get_batch, l
 from .model import GPT, GPTConfig
 from .lora import (
     AdapterMismatchError, LoRAConfig, LoRAError, LoRALinear, ParameterReport, apply_lora, lora_layers,
-    merge_and_unload, merge_lora, parameter_report, register_variant, select_targets, set_lora_enabled,
+    merge_and_unload, merge_lora, parameter_report, register_variant, select_targets, set_fast_path, set_lora_enabled,
     unload_lora, unmerge_lora,
 )
 from .variants import VARIANTS

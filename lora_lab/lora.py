@@ -352,6 +352,13 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
         layer.enabled = bool(enabled)
 
 
+def set_fast_path(model: nn.Module, enabled: bool) -> None:
+    """Let adapted q/k/v layers compute together (fused.py; the default) or make every LoRA layer run its own
+    LoRALinear.forward, the reference (to compare speed or check the fast path). The results are equal either way."""
+    for layer in require_lora(model).values():
+        layer.fuse_with_siblings = bool(enabled)
+
+
 def unload_lora(model: nn.Module) -> nn.Module:
     """Put each LoRA layer's own base nn.Linear back (same object, same weight tensor), without merging.
 

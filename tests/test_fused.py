@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lora_lab import GPT, LoRAConfig, apply_lora, lora_layers, merge_lora, set_lora_enabled
-from lora_lab.lora import LoRALinear
+from lora_lab import GPT, LoRAConfig, apply_lora, lora_layers, merge_lora, set_fast_path, set_lora_enabled
+from lora_lab.lora import LoRAError, LoRALinear
 
 
 def adapted(config, **lora):
@@ -63,8 +63,7 @@ def test_training_with_and_without_the_fast_path_is_the_same(tiny_config):
     for fuse in (True, False):
         torch.manual_seed(0)
         model = adapted(tiny_config)
-        for layer in lora_layers(model).values():
-            layer.fuse_with_siblings = fuse
+        set_fast_path(model, fuse)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         gen = torch.Generator().manual_seed(2)
         curve = []
@@ -145,7 +144,16 @@ def test_the_fast_path_runs_fewer_operators(tiny_config):
     model = adapted(tiny_config)
     idx = torch.randint(0, tiny_config.vocab_size, (2, tiny_config.block_size))
     fused = operator_count(model, idx)
-    for layer in lora_layers(model).values():
-        layer.fuse_with_siblings = False
+    set_fast_path(model, False)
     separate = operator_count(model, idx)
     assert fused < 0.9 * separate, (fused, separate)
+
+
+def test_set_fast_path_switches_every_layer_and_needs_lora(tiny_config):
+    model = adapted(tiny_config)
+    set_fast_path(model, False)
+    assert not any(layer.fuse_with_siblings for layer in lora_layers(model).values())
+    set_fast_path(model, True)
+    assert all(layer.fuse_with_siblings for layer in lora_layers(model).values())
+    with pytest.raises(LoRAError, match="no LoRA layers"):
+        set_fast_path(GPT(tiny_config), False)
