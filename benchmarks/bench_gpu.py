@@ -29,6 +29,7 @@ Operators per step of the GPU-size model, counted on a CPU (about one kernel eac
 more for torch.compile's C++ builds in the "compiled" section.
 The results file (JSON) is rewritten after every section, so a run cut short still leaves its figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,11 +49,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lora_lab import (GPT, PRESETS, CharDataset, CharTokenizer, GPTConfig, LoRAConfig, TrainConfig, apply_lora,
-                      set_fast_path, tasks)
+from lora_lab import (
+    GPT,
+    PRESETS,
+    CharDataset,
+    CharTokenizer,
+    GPTConfig,
+    LoRAConfig,
+    TrainConfig,
+    apply_lora,
+    set_fast_path,
+    tasks,
+)
 from lora_lab import train as lora_lab_train
-from lora_lab.costs import OperatorCount
-from lora_lab.train import autocast_for, pick_device
+from lora_lab.devices import autocast_for, pick_device
+from lora_lab.experiments.costs import OperatorCount
 
 LORA = LoRAConfig(r=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
 SIZES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size, dropout)
@@ -81,8 +92,13 @@ def sync(device: torch.device) -> None:
 
 def summary(ms: list[float], tokens_per_step: int, warmup_ms: float | None = None, steps: int = 0) -> dict:
     med = statistics.median(ms)
-    out = {"ms_per_step": round(med, 3), "min": round(min(ms), 3), "max": round(max(ms), 3),
-           "tokens_per_s": round(tokens_per_step / med * 1000), "windows": len(ms)}
+    out = {
+        "ms_per_step": round(med, 3),
+        "min": round(min(ms), 3),
+        "max": round(max(ms), 3),
+        "tokens_per_s": round(tokens_per_step / med * 1000),
+        "windows": len(ms),
+    }
     if warmup_ms is not None:  # the warm-up window's extra time: torch.compile's compilation, where compiled
         out["warmup_extra_s"] = round((warmup_ms - med) * steps / 1000, 1)
     return out
@@ -108,8 +124,17 @@ class NanoGPTRun:
     def __init__(self, ng, size, data_dir: Path, device: torch.device, compiled: bool, seed: int = 1337):
         n_layer, n_head, n_embd, block, self.batch, dropout = size
         torch.manual_seed(seed)
-        self.model = ng.GPT(ng.GPTConfig(block_size=block, vocab_size=65, n_layer=n_layer, n_head=n_head,
-                                         n_embd=n_embd, dropout=dropout, bias=False)).to(device)
+        self.model = ng.GPT(
+            ng.GPTConfig(
+                block_size=block,
+                vocab_size=65,
+                n_layer=n_layer,
+                n_head=n_head,
+                n_embd=n_embd,
+                dropout=dropout,
+                bias=False,
+            )
+        ).to(device)
         self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
         self.forward = torch.compile(self.model) if compiled else self.model
         self.block, self.device, self.data_dir, self.it = block, device, data_dir, 0
@@ -164,8 +189,9 @@ class LoraLabRun:
 
     def __init__(self, model: GPT, train_tokens, val_tokens, batch: int, compiled: bool, device, **train_kwargs):
         self.model, self.train_tokens, self.val_tokens = model, train_tokens, val_tokens
-        self.cfg = TrainConfig(batch_size=batch, compile=compiled, device=str(device), eval_iters=1, warmup_iters=0,
-                               **train_kwargs)
+        self.cfg = TrainConfig(
+            batch_size=batch, compile=compiled, device=str(device), eval_iters=1, warmup_iters=0, **train_kwargs
+        )
         self.seed, self.notes = 0, []
 
     def window(self, n: int) -> float:
@@ -203,8 +229,10 @@ def side_by_side(runs: dict, steps: int, windows: int, device, tokens_per_step: 
                 times[name].append(ms)
             else:
                 warmup[name] += ms
-        log(f"  window {w + 1}/{warmup_windows + windows}{' (warm-up)' if w < warmup_windows else ''}: "
-            + ", ".join(f"{name} {ms:.2f} ms/step" for name, ms in this_window.items()))
+        log(
+            f"  window {w + 1}/{warmup_windows + windows}{' (warm-up)' if w < warmup_windows else ''}: "
+            + ", ".join(f"{name} {ms:.2f} ms/step" for name, ms in this_window.items())
+        )
     return {name: summary(ts, tokens_per_step, warmup[name], steps) for name, ts in times.items()}
 
 
@@ -218,14 +246,18 @@ def section_throughput(args, ng, size, device, train_tokens, compiled: bool) -> 
     config = GPTConfig(vocab_size=65, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
     torch.manual_seed(0)
     base = GPT(config)
-    runs = {"nanoGPT": NanoGPTRun(ng, size, args.nanogpt / "data" / "shakespeare_char", device, compiled),
-            "lora_lab full": LoraLabRun(copy.deepcopy(base), train_tokens, None, batch, compiled, device)}
+    runs = {
+        "nanoGPT": NanoGPTRun(ng, size, args.nanogpt / "data" / "shakespeare_char", device, compiled),
+        "lora_lab full": LoraLabRun(copy.deepcopy(base), train_tokens, None, batch, compiled, device),
+    }
     if device.type != "cpu" or args.smoke:
-        runs["lora_lab LoRA"] = LoraLabRun(apply_lora(copy.deepcopy(base), LORA), train_tokens, None, batch,
-                                           compiled, device)
+        runs["lora_lab LoRA"] = LoraLabRun(
+            apply_lora(copy.deepcopy(base), LORA), train_tokens, None, batch, compiled, device
+        )
         if not compiled:  # the same LoRA without the q/k/v fast path (lora_lab.fused)
-            runs["lora_lab LoRA, reference layers"] = LoraLabRun(reference_lora(apply_lora(copy.deepcopy(base), LORA)),
-                                                                 train_tokens, None, batch, compiled, device)
+            runs["lora_lab LoRA, reference layers"] = LoraLabRun(
+                reference_lora(apply_lora(copy.deepcopy(base), LORA)), train_tokens, None, batch, compiled, device
+            )
     if hasattr(base, "check_token_ids") and not compiled:  # what GPT.forward's id check costs (it reads min/max)
         unchecked = copy.deepcopy(base)
         unchecked.check_token_ids = lambda *a, **k: None
@@ -235,15 +267,19 @@ def section_throughput(args, ng, size, device, train_tokens, compiled: bool) -> 
         if device.type == "cpu":
             levers["fp32 (no bf16 autocast)"] = dict(bf16=False)
         for lever, kwargs in levers.items():
-            runs[f"lora_lab full, {lever}"] = LoraLabRun(copy.deepcopy(base), train_tokens, None, batch, compiled,
-                                                         device, **kwargs)
+            runs[f"lora_lab full, {lever}"] = LoraLabRun(
+                copy.deepcopy(base), train_tokens, None, batch, compiled, device, **kwargs
+            )
     res = side_by_side(runs, args.steps, args.windows, device, batch * block)
     res["lora_lab / nanoGPT tokens/s"] = round(res["lora_lab full"]["tokens_per_s"] / res["nanoGPT"]["tokens_per_s"], 3)
     if "lora_lab LoRA" in res:
-        res["LoRA / full step time"] = round(res["lora_lab LoRA"]["ms_per_step"] / res["lora_lab full"]["ms_per_step"], 3)
+        res["LoRA / full step time"] = round(
+            res["lora_lab LoRA"]["ms_per_step"] / res["lora_lab full"]["ms_per_step"], 3
+        )
     if "lora_lab LoRA, reference layers" in res:
         res["LoRA reference / full step time"] = round(
-            res["lora_lab LoRA, reference layers"]["ms_per_step"] / res["lora_lab full"]["ms_per_step"], 3)
+            res["lora_lab LoRA, reference layers"]["ms_per_step"] / res["lora_lab full"]["ms_per_step"], 3
+        )
     notes = {n: r.notes for n, r in runs.items() if isinstance(r, LoraLabRun) and r.notes}
     if notes:
         res["notes"] = notes
@@ -271,9 +307,14 @@ def section_forward(args, size, device) -> None:
             for _ in range(n):
                 with autocast_for(device):
                     model(x)
+
         return run
 
-    fns = {"base": forwards(base), "LoRA unmerged": forwards(lora), "LoRA unmerged, reference layers": forwards(reference)}
+    fns = {
+        "base": forwards(base),
+        "LoRA unmerged": forwards(lora),
+        "LoRA unmerged, reference layers": forwards(reference),
+    }
     times = {name: [] for name in fns}
     for w in range(1 + args.windows):
         for name, fn in fns.items():
@@ -283,7 +324,8 @@ def section_forward(args, size, device) -> None:
     res = {name: summary(ts, batch * block) for name, ts in times.items()}
     res["unmerged / base"] = round(res["LoRA unmerged"]["ms_per_step"] / res["base"]["ms_per_step"], 3)
     res["unmerged reference / base"] = round(
-        res["LoRA unmerged, reference layers"]["ms_per_step"] / res["base"]["ms_per_step"], 3)
+        res["LoRA unmerged, reference layers"]["ms_per_step"] / res["base"]["ms_per_step"], 3
+    )
     RESULTS["forward"] = res
     for name, value in res.items():
         log(f"  {name}: {value}")
@@ -304,8 +346,16 @@ def section_memory(args, size, device, train_tokens) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            cfg = TrainConfig(max_iters=3, batch_size=batch, eval_interval=3, eval_iters=1, warmup_iters=0,
-                              activation_checkpointing=ckpt, compile=False, device=str(device))
+            cfg = TrainConfig(
+                max_iters=3,
+                batch_size=batch,
+                eval_interval=3,
+                eval_iters=1,
+                warmup_iters=0,
+                activation_checkpointing=ckpt,
+                compile=False,
+                device=str(device),
+            )
             lora_lab_train(model, train_tokens, None, cfg, progress=False)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             name = f"{method}, activation checkpointing {'on' if ckpt else 'off'}"
@@ -361,10 +411,19 @@ def section_kernels(args, ng, size, device, train_tokens) -> None:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 window(5)
             events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-            res[method] = {"kernels_per_step": round(len(events) / 5),
-                           "kernel_ms_per_step": round(sum(e.device_time for e in events) / 5000, 3),
-                           "gemm_ms_per_step": round(sum(e.device_time for e in events if any(
-                               word in e.name.lower() for word in ("gemm", "nvjet", "cutlass", "sm90_xmma"))) / 5000, 3)}
+            res[method] = {
+                "kernels_per_step": round(len(events) / 5),
+                "kernel_ms_per_step": round(sum(e.device_time for e in events) / 5000, 3),
+                "gemm_ms_per_step": round(
+                    sum(
+                        e.device_time
+                        for e in events
+                        if any(word in e.name.lower() for word in ("gemm", "nvjet", "cutlass", "sm90_xmma"))
+                    )
+                    / 5000,
+                    3,
+                ),
+            }
         else:  # no kernels on a CPU: count the operators that would launch one
             with OperatorCount() as ops:
                 window(5)
@@ -374,9 +433,11 @@ def section_kernels(args, ng, size, device, train_tokens) -> None:
         torch.manual_seed(0)
         base = GPT(config).eval()
         x = torch.randint(0, 65, (batch, block))
-        for method, model in (("forward: base", base),
-                              ("forward: LoRA unmerged", apply_lora(copy.deepcopy(base), LORA)),
-                              ("forward: LoRA unmerged, reference layers", reference_lora(apply_lora(copy.deepcopy(base), LORA)))):
+        for method, model in (
+            ("forward: base", base),
+            ("forward: LoRA unmerged", apply_lora(copy.deepcopy(base), LORA)),
+            ("forward: LoRA unmerged, reference layers", reference_lora(apply_lora(copy.deepcopy(base), LORA))),
+        ):
             with torch.no_grad(), autocast_for(device), OperatorCount() as ops:
                 model(x)
             res[method] = {"operators": ops.count}
@@ -389,6 +450,7 @@ def source_dataset(args) -> CharDataset:
     input.txt and cut it 90/5/5 by characters, which is the cut the hub dataset (and data.py) makes."""
     try:
         from lora_lab import load_splits
+
         texts = load_splits(args.data)
     except ImportError:
         path = Path(args.data or os.environ.get("LORA_LAB_DATA", ""))
@@ -418,11 +480,15 @@ def section_pretrain(args, device) -> None:
     per_step = result.seconds / cfg.max_iters
     reached = next((e["iter"] for e in result.evals if e["val"] is not None and e["val"] <= target), None)
     res = {
-        "preset": preset, "steps": cfg.max_iters, "train_seconds": round(result.seconds, 1), "wall_seconds": round(wall, 1),
+        "preset": preset,
+        "steps": cfg.max_iters,
+        "train_seconds": round(result.seconds, 1),
+        "wall_seconds": round(wall, 1),
         "ms_per_step": round(1000 * per_step, 2),
         "first_eval_at_or_below_target": reached,
         "seconds_to_target": None if reached is None else round(reached * per_step, 1),
-        "best_iter": result.best_iter, "best_val": round(result.final["val"], 4),
+        "best_iter": result.best_iter,
+        "best_val": round(result.final["val"], 4),
         "last_val": round(result.evals[-1]["val"], 4),
         "evals": [{"iter": e["iter"], "val": round(e["val"], 4)} for e in result.evals],
         "notes": result.notes,
@@ -443,13 +509,20 @@ def section_cpu_quality(args, ng, size, device, train_tokens, val_tokens) -> Non
     nano.steps(iters, max_iters=iters)
     nano_s = time.perf_counter() - t0
     torch.manual_seed(1337)
-    model = GPT(GPTConfig(vocab_size=65, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout))
-    cfg = TrainConfig(max_iters=iters, batch_size=batch, eval_interval=iters, eval_iters=args.eval_batches,
-                      device=str(device))
+    model = GPT(
+        GPTConfig(vocab_size=65, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
+    )
+    cfg = TrainConfig(
+        max_iters=iters, batch_size=batch, eval_interval=iters, eval_iters=args.eval_batches, device=str(device)
+    )
     result = lora_lab_train(model, train_tokens, val_tokens, cfg, progress=False)
-    res = {"nanoGPT val": round(nano.val_loss(args.eval_batches), 4), "nanoGPT ms/step": round(1000 * nano_s / iters, 2),
-           "lora_lab val": round(result.final["val"], 4), "lora_lab ms/step": round(1000 * result.seconds / iters, 2),
-           "eval batches": args.eval_batches}
+    res = {
+        "nanoGPT val": round(nano.val_loss(args.eval_batches), 4),
+        "nanoGPT ms/step": round(1000 * nano_s / iters, 2),
+        "lora_lab val": round(result.final["val"], 4),
+        "lora_lab ms/step": round(1000 * result.seconds / iters, 2),
+        "eval batches": args.eval_batches,
+    }
     RESULTS["cpu_quality"] = res
     for name, value in res.items():
         log(f"  {name}: {value}")
@@ -457,29 +530,56 @@ def section_cpu_quality(args, ng, size, device, train_tokens, val_tokens) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nanogpt", type=Path, required=True, help="the nanoGPT anchor (model.py, data/shakespeare_char)")
+    parser.add_argument(
+        "--nanogpt", type=Path, required=True, help="the nanoGPT anchor (model.py, data/shakespeare_char)"
+    )
     parser.add_argument("--data", default=None, help="tiny-shakespeare for the preset run (default: $LORA_LAB_DATA)")
     parser.add_argument("--out", type=Path, default=None, help="results file (JSON), rewritten after each section")
     parser.add_argument("--device", default="auto", help="auto (cuda, else cpu), cuda or cpu")
     parser.add_argument("--smoke", action="store_true", help="every section at toy sizes on the CPU")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=None, help="timed windows per variant (after one warm-up)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds (default 360 on a GPU, none on a CPU): "
-                        "a section that would start too late to finish inside it is skipped")
-    parser.add_argument("--sections", default="eager,forward,memory,kernels,compiled,pretrain",
-                        help="comma-separated: eager, compiled, kernels, memory, forward, pretrain, quality (CPU)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds (default 360 on a GPU, none on a CPU): "
+        "a section that would start too late to finish inside it is skipped",
+    )
+    parser.add_argument(
+        "--sections",
+        default="eager,forward,memory,kernels,compiled,pretrain",
+        help="comma-separated: eager, compiled, kernels, memory, forward, pretrain, quality (CPU)",
+    )
     parser.add_argument("--quality-iters", type=int, default=2000, help="steps of the CPU quality run")
     parser.add_argument("--eval-batches", type=int, default=200, help="batches for the CPU quality run's val loss")
     parser.add_argument("--target-val", type=float, default=1.47, help="validation loss to time the preset to")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None,
-                        help="model and batch sizes (default: gpu on a GPU, cpu on a CPU, smoke with --smoke)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size instead of the size's own (e.g. to "
-                        "count a GPU-size step's kernels on a CPU, where the count does not depend on the batch)")
-    parser.add_argument("--no-levers", dest="levers", action="store_false",
-                        help="skip the eager variants that switch train()'s speed levers off one at a time")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: time CPU runs by process time, with one thread (for a shared, busy machine)")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default=None,
+        help="model and batch sizes (default: gpu on a GPU, cpu on a CPU, smoke with --smoke)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch size instead of the size's own (e.g. to "
+        "count a GPU-size step's kernels on a CPU, where the count does not depend on the batch)",
+    )
+    parser.add_argument(
+        "--no-levers",
+        dest="levers",
+        action="store_false",
+        help="skip the eager variants that switch train()'s speed levers off one at a time",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: time CPU runs by process time, with one thread (for a shared, busy machine)",
+    )
     args = parser.parse_args()
     global CLOCK
     if args.clock == "cpu":
@@ -503,10 +603,18 @@ def main() -> None:
     train_tokens = torch.from_numpy(np.fromfile(bins / "train.bin", dtype=np.uint16).astype(np.int64))
     val_tokens = torch.from_numpy(np.fromfile(bins / "val.bin", dtype=np.uint16).astype(np.int64))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    RESULTS["machine"] = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                          "size (layers, heads, dims, block, batch, dropout)": size, "steps/window": args.steps,
-                          "windows": args.windows, "smoke": args.smoke, "clock": args.clock}
+    RESULTS["machine"] = {
+        "device": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "size (layers, heads, dims, block, batch, dropout)": size,
+        "steps/window": args.steps,
+        "windows": args.windows,
+        "smoke": args.smoke,
+        "clock": args.clock,
+    }
     log(f"# bench_gpu on {name}, torch {torch.__version__}: {RESULTS['machine']}")
     started = time.perf_counter()
     needs = {"pretrain": 150, "compiled": 150, "quality": 120}  # rough seconds per section on an H100

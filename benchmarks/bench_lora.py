@@ -9,6 +9,7 @@ process's CPU time (time.process_time), which other processes on a shared machin
 use it with --threads 1 (with more threads it adds up every thread's time, waiting included).
 Pass --clock wall for wall time. On CUDA the clock is always wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,13 @@ from lora_lab import (
     merge_lora,
     parameter_report,
     pick_device,
-    set_fast_path,
     save_adapter,
     save_checkpoint,
+    set_fast_path,
 )
-from lora_lab.peft_interop import require_peft
-from lora_lab.train import autocast_for, make_optimizer
+from lora_lab.devices import autocast_for
+from lora_lab.storage.peft_format import require_peft
+from lora_lab.train import make_optimizer
 
 FULL = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0)
 QUICK = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
@@ -86,8 +88,9 @@ def without_fast_path(model):
 
 def peft_model(base, lora: LoRAConfig):
     peft = require_peft()
-    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.targets),
-                             lora_dropout=lora.dropout)
+    config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.targets), lora_dropout=lora.dropout
+    )
     return peft.get_peft_model(copy.deepcopy(base), config)
 
 
@@ -146,27 +149,38 @@ def bench_training(base, device, batch, rounds):
     full, ours, peft = med["full fine-tune"], med["lora_lab LoRA"], med["PEFT LoRA"]
     for name, t in med.items():
         g, s = memory[name]
-        print(f"  {name:<22} {t * 1000:9.1f} ms/step   fwd+bwd {flops[name] / 1e9:7.2f} GFLOP   "
-              f"grads {g / 2**20:8.3f} MiB   optimizer state {s / 2**20:8.3f} MiB")
+        print(
+            f"  {name:<22} {t * 1000:9.1f} ms/step   fwd+bwd {flops[name] / 1e9:7.2f} GFLOP   "
+            f"grads {g / 2**20:8.3f} MiB   optimizer state {s / 2**20:8.3f} MiB"
+        )
     flop_ratio = flops["lora_lab LoRA"] / flops["full fine-tune"]
-    print(f"  LoRA / full step time:      {ours / full:.3f}x   (FLOP ratio {flop_ratio:.3f}; "
-          f"floor / full {med['floor (no A/B)'] / full:.3f}x)")
+    print(
+        f"  LoRA / full step time:      {ours / full:.3f}x   (FLOP ratio {flop_ratio:.3f}; "
+        f"floor / full {med['floor (no A/B)'] / full:.3f}x)"
+    )
     print(f"  lora_lab / PEFT step time:  {ours / peft:.3f}x")
-    print(f"  LoRA reference layers / full: {med['LoRA, reference layers'] / full:.3f}x   "
-          f"(the q/k/v fast path saves {(med['LoRA, reference layers'] - ours) * 1000:.1f} ms/step)")
+    print(
+        f"  LoRA reference layers / full: {med['LoRA, reference layers'] / full:.3f}x   "
+        f"(the q/k/v fast path saves {(med['LoRA, reference layers'] - ours) * 1000:.1f} ms/step)"
+    )
     g_full, s_full = memory["full fine-tune"]
     g_lora, s_lora = memory["lora_lab LoRA"]
-    print(f"  gradient memory LoRA / full: {g_lora / g_full:.4f}x   "
-          f"optimizer state LoRA / full: {s_lora / s_full:.4f}x")
+    print(
+        f"  gradient memory LoRA / full: {g_lora / g_full:.4f}x   optimizer state LoRA / full: {s_lora / s_full:.4f}x"
+    )
 
 
 def bench_forward(base, device, rounds, gen_tokens):
-    print(f"\n## Forward latency (no grad, eval mode)")
+    print("\n## Forward latency (no grad, eval mode)")
     unmerged = with_random_B(apply_lora(copy.deepcopy(base), LORA)).to(device).eval()
     merged = copy.deepcopy(unmerged)
     merge_lora(merged)
-    models = {"base": base.to(device).eval(), "LoRA unmerged": unmerged, "LoRA merged": merged,
-              "unmerged, reference layers": without_fast_path(copy.deepcopy(unmerged))}
+    models = {
+        "base": base.to(device).eval(),
+        "LoRA unmerged": unmerged,
+        "LoRA merged": merged,
+        "unmerged, reference layers": without_fast_path(copy.deepcopy(unmerged)),
+    }
     T = base.config.block_size
     x32 = torch.randint(0, base.config.vocab_size, (32, T), generator=torch.Generator().manual_seed(1)).to(device)
     start = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -181,8 +195,10 @@ def bench_forward(base, device, rounds, gen_tokens):
     ev = timed_rounds({n: (lambda m=m: evaluate(m)) for n, m in models.items()}, rounds, device)
     ge = timed_rounds({n: (lambda m=m: generate(m)) for n, m in models.items()}, rounds, device)
     for n in models:
-        print(f"  {n:<26} batch-32 eval {ev[n] * 1000:9.1f} ms   "
-              f"batch-1 generation {ge[n] / gen_tokens * 1000:7.2f} ms/token")
+        print(
+            f"  {n:<26} batch-32 eval {ev[n] * 1000:9.1f} ms   "
+            f"batch-1 generation {ge[n] / gen_tokens * 1000:7.2f} ms/token"
+        )
     for n in ("LoRA merged", "LoRA unmerged", "unmerged, reference layers"):
         print(f"  {n} / base: eval {ev[n] / ev['base']:.3f}x, generation {ge[n] / ge['base']:.3f}x")
     with torch.no_grad():
@@ -191,7 +207,7 @@ def bench_forward(base, device, rounds, gen_tokens):
 
 
 def bench_adapters(base, device, rounds):
-    print(f"\n## Adapter files and hot-swap")
+    print("\n## Adapter files and hot-swap")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = base.cpu()
@@ -202,8 +218,10 @@ def bench_adapters(base, device, rounds):
         adapter_bytes = (tmp / "a" / "adapter_model.safetensors").stat().st_size
         ckpt_bytes = (tmp / "base" / "model.safetensors").stat().st_size
         formula = parameter_report(a).lora_params * 4
-        print(f"  adapter (r={LORA.r}, q/k/v/o) {adapter_bytes:,} B (Σ r(d+k)·4 = {formula:,} B)   "
-              f"full checkpoint {ckpt_bytes:,} B   ratio {adapter_bytes / ckpt_bytes:.4f}")
+        print(
+            f"  adapter (r={LORA.r}, q/k/v/o) {adapter_bytes:,} B (Σ r(d+k)·4 = {formula:,} B)   "
+            f"full checkpoint {ckpt_bytes:,} B   ratio {adapter_bytes / ckpt_bytes:.4f}"
+        )
 
         model = copy.deepcopy(base).to(device)
         bank = AdapterBank(model)
@@ -213,8 +231,10 @@ def bench_adapters(base, device, rounds):
         swap = timed_rounds({"swap": lambda: bank.activate(next(names))}, 2 * rounds, device)["swap"]
         reload = timed_rounds({"reload": lambda: load_checkpoint(tmp / "base", device=device)}, rounds, device)
         reload = reload["reload"]
-        print(f"  AdapterBank.activate {swap * 1000:8.2f} ms   full checkpoint reload {reload * 1000:8.2f} ms   "
-              f"ratio {swap / reload:.3f}x")
+        print(
+            f"  AdapterBank.activate {swap * 1000:8.2f} ms   full checkpoint reload {reload * 1000:8.2f} ms   "
+            f"ratio {swap / reload:.3f}x"
+        )
 
 
 def main():
@@ -227,8 +247,11 @@ def main():
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="CPU-device clock (see above)")
     args = parser.parse_args()
     global CLOCK
-    device = pick_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                         ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     CLOCK = time.process_time if device.type == "cpu" and args.clock == "cpu" else time.perf_counter
     if args.threads or CLOCK is time.process_time:
         torch.set_num_threads(args.threads or 1)  # CPU time is only meaningful with one thread
@@ -237,11 +260,15 @@ def main():
     torch.manual_seed(0)
     base = GPT(config)
     report = parameter_report(apply_lora(copy.deepcopy(base), LORA))
-    print(f"# bench_lora: {'quick' if args.quick else 'full'} on {device} ({torch.get_num_threads()} CPU threads), "
-          f"torch {torch.__version__}, clock: {CLOCK.__name__}")
-    print(f"GPT {config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, block {config.block_size}: "
-          f"{base.num_parameters() / 1e6:.2f}M parameters; LoRA r={LORA.r} on {', '.join(LORA.targets)}: "
-          f"{report.lora_params:,} trainable ({report.trainable_fraction:.3%})")
+    print(
+        f"# bench_lora: {'quick' if args.quick else 'full'} on {device} ({torch.get_num_threads()} CPU threads), "
+        f"torch {torch.__version__}, clock: {CLOCK.__name__}"
+    )
+    print(
+        f"GPT {config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, block {config.block_size}: "
+        f"{base.num_parameters() / 1e6:.2f}M parameters; LoRA r={LORA.r} on {', '.join(LORA.targets)}: "
+        f"{report.lora_params:,} trainable ({report.trainable_fraction:.3%})"
+    )
     bench_training(base, device, 4 if args.quick else args.batch, rounds)
     bench_forward(base, device, rounds, 8 if args.quick else 32)
     bench_adapters(base, device, rounds)

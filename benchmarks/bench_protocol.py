@@ -5,11 +5,12 @@
     python benchmarks/bench_protocol.py --tasks ''                 # only the studies, at LORA_LEARNING_RATE
 
 For each task: base, LoRA (r=8, alpha=16, q,k,v,o) and full fine-tuning, each with its learning-rate grid
-swept on seed 0 and the chosen rate run on seeds 0, 1, 2 (see lora_lab/protocol.py). Then, on rot13:
+swept on seed 0 and the chosen rate run on seeds 0, 1, 2 (see lora_lab/experiments/protocol.py). Then, on rot13:
 ‖ΔW‖_F vs r with alpha fixed at 16 (scale alpha/r) and with alpha = 2r, and attention-only vs MLP-only
 LoRA at an equal parameter budget. Every run is cached under the model cache, so a rerun prints at once.
 The wall time of each block is printed (CPU, 1 thread).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,8 @@ import time
 
 import torch
 
-from lora_lab import pretrained_base, protocol, tasks
+from lora_lab import pretrained_base, tasks
+from lora_lab.experiments import defaults, estimator, reports, studies
 
 
 def timed(title: str, fn):
@@ -30,7 +32,7 @@ def timed(title: str, fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="rot13,shout", help="tasks for lora_vs_full(sweep=True); '' for none")
-    parser.add_argument("--steps", type=int, default=protocol.STEPS)
+    parser.add_argument("--steps", type=int, default=defaults.STEPS)
     parser.add_argument("--skip-studies", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -40,19 +42,23 @@ def main() -> None:
     for name in tasks.TASKS:
         task = tasks.make_task(name, base.texts)
         t0 = time.perf_counter()
-        s = protocol.task_scores(base.model, protocol.encode(task, tok))
-        print(f"base on {name}: target {s['target']:.4f} (accuracy {s['target_accuracy']:.4f}), source "
-              f"{s['source']:.4f}, gap target - source {s['target'] - s['source']:+.4f} nats "
-              f"(scored in {time.perf_counter() - t0:.1f} s)")
+        s = estimator.task_scores(base.model, estimator.encode_task(task, tok))
+        print(
+            f"base on {name}: target {s['target']:.4f} (accuracy {s['target_accuracy']:.4f}), source "
+            f"{s['source']:.4f}, gap target - source {s['target'] - s['source']:+.4f} nats "
+            f"(scored in {time.perf_counter() - t0:.1f} s)"
+        )
 
     lora_label = "LoRA r=8"
-    rot13_lora_lr = protocol.LORA_LEARNING_RATE
+    rot13_lora_lr = defaults.LORA_LEARNING_RATE
     for name in filter(None, args.tasks.split(",")):
         task = tasks.make_task(name, base.texts)
-        comp = timed(f"protocol.lora_vs_full(sweep=True) on {name}", lambda: protocol.lora_vs_full(
-            base.model, task, tok, sweep=True, steps=args.steps, log=print))
+        comp = timed(
+            f"studies.lora_vs_full(sweep=True) on {name}",
+            lambda: studies.lora_vs_full(base.model, task, tok, sweep=True, steps=args.steps, log=print),
+        )
         print("\n" + comp.to_text())
-        print(f"LoRA's chosen lr / full FT's: {protocol.lr_ratio(comp, lora_label):g}")
+        print(f"LoRA's chosen lr / full FT's: {studies.lr_ratio(comp, lora_label):g}")
         if name == "rot13":
             rot13_lora_lr = comp.result(lora_label).chosen_lr
 
@@ -60,14 +66,22 @@ def main() -> None:
         return
     task = tasks.make_task("rot13", base.texts)
     for rule, alpha in (("alpha = 16 (fixed, scale 16/r)", 16.0), ("alpha = 2r (scale 2)", lambda r: 2.0 * r)):
-        comp = timed(f"protocol.norm_by_rank, {rule}", lambda: protocol.norm_by_rank(
-            base.model, task, tok, alpha=alpha, learning_rate=rot13_lora_lr, steps=args.steps, log=print))
+        comp = timed(
+            f"studies.norm_by_rank, {rule}",
+            lambda: studies.norm_by_rank(
+                base.model, task, tok, alpha=alpha, learning_rate=rot13_lora_lr, steps=args.steps, log=print
+            ),
+        )
         print(f"\n‖ΔW‖_F vs r, {rule}, lr {rot13_lora_lr:g} (mean over the 16 adapted matrices; mean ± std over seeds)")
-        print(protocol.format_table(protocol.delta_norm_rows(comp)))
+        print(reports.format_table(studies.delta_norm_rows(comp)))
         print(comp.to_text())
 
-    comp = timed("protocol.attention_vs_mlp", lambda: protocol.attention_vs_mlp(
-        base.model, task, tok, learning_rate=rot13_lora_lr, steps=args.steps, log=print))
+    comp = timed(
+        "studies.attention_vs_mlp",
+        lambda: studies.attention_vs_mlp(
+            base.model, task, tok, learning_rate=rot13_lora_lr, steps=args.steps, log=print
+        ),
+    )
     print("\n" + comp.to_text())
 
 

@@ -8,6 +8,7 @@ interleaved rounds (the variants take turns in each round), so a busy machine sl
 the clock is the process's CPU time (time.process_time), which other processes barely disturb at
 --threads 1. Memory is measured on the real tensors after one step: every .grad, then AdamW's state.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,20 +86,28 @@ def main() -> None:
             step(model, opt)
             times[name].append(time.process_time() - t0)
 
-    print(f"# bench_variants  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  torch {torch.__version__}  "
-          f"{platform.processor() or platform.machine()}  threads {args.threads}")
-    print(f"model: {config.n_layer} layers x {config.n_embd} dims, block {config.block_size}, "
-          f"{base.num_parameters():,} params; batch {args.batch}; rank {args.rank} on {','.join(TARGETS)}; "
-          f"{rounds} interleaved rounds, CPU process time")
+    print(
+        f"# bench_variants  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  torch {torch.__version__}  "
+        f"{platform.processor() or platform.machine()}  threads {args.threads}"
+    )
+    print(
+        f"model: {config.n_layer} layers x {config.n_embd} dims, block {config.block_size}, "
+        f"{base.num_parameters():,} params; batch {args.batch}; rank {args.rank} on {','.join(TARGETS)}; "
+        f"{rounds} interleaved rounds, CPU process time"
+    )
     ref_t, ref_m = statistics.median(times["lora"]), memory["lora"]
-    print(f"{'variant':<9}{'trainable':>11}{'ms/step':>10}{'vs lora':>9}{'min..max ms':>16}"
-          f"{'grad+opt KiB':>14}{'vs lora':>9}")
+    print(
+        f"{'variant':<9}{'trainable':>11}{'ms/step':>10}{'vs lora':>9}{'min..max ms':>16}"
+        f"{'grad+opt KiB':>14}{'vs lora':>9}"
+    )
     for name, (model, _) in runs.items():
         med = statistics.median(times[name])
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         spread = f"{min(times[name]) * 1e3:.0f}..{max(times[name]) * 1e3:.0f}"
-        print(f"{name:<9}{trainable:>11,}{med * 1e3:>10.1f}{med / ref_t:>8.2f}x{spread:>16}"
-              f"{memory[name] / 1024:>14.1f}{memory[name] / ref_m:>8.2f}x")
+        print(
+            f"{name:<9}{trainable:>11,}{med * 1e3:>10.1f}{med / ref_t:>8.2f}x{spread:>16}"
+            f"{memory[name] / 1024:>14.1f}{memory[name] / ref_m:>8.2f}x"
+        )
 
 
 if __name__ == "__main__":

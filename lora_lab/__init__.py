@@ -1,25 +1,47 @@
 """lora_lab: learn and prototype LoRA on a from-scratch character-level GPT.
 
-Modules, in the order they build on each other: data -> model -> lora (targets, variants)
--> adapters/peft_interop -> contract -> train -> pretrained -> protocol -> finetune -> widgets/exercises -> cli
-(tests/test_layering.py checks it).
+The package is a spine and four rooms; imports run one way, left to right (tests/test_layering.py checks it):
+
+    spine        errors, data, tasks, model, sampling, targets, fused, lora, devices, distributed, train
+    storage/     files, checkpoints, adapter files, banks of adapters, mixed-adapter batches, PEFT's format
+    variants/    the built-in LoRA variants and check_variant, the contract every variant keeps
+    experiments/ pretrained bases, the fair-comparison protocol, fine-tuning, costs, scaling, reports
+    course/      what the notebooks use: numeric helpers, widgets, exercises, the tour, adapter layers
+    cli          the lora-lab command, a thin skin over the above
 """
-from .data import CharDataset, CharTokenizer, DataUnavailableError, get_batch, load_splits
-from .model import GPT, GPTConfig
-from .lora import (
-    AdapterMismatchError, LoRAConfig, LoRAError, LoRALinear, ParameterReport, apply_lora, lora_layers,
-    merge_and_unload, merge_lora, parameter_report, register_variant, select_targets, set_fast_path, set_lora_enabled,
-    unload_lora, unmerge_lora,
-)
-from .variants import VARIANTS
-from .adapters import AdapterBank, load_adapter, save_adapter
-from .peft_interop import export_peft, import_peft
-from .contract import check_variant
-from .train import TrainConfig, TrainResult, estimate_loss, pick_device, train
-from .checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
+
 from . import tasks
-from .pretrained import PRESETS, Pretrained, pretrained_base
-from . import protocol  # the fair comparison: protocol.compare, lora_vs_full, norm_by_rank, attention_vs_mlp
-from . import finetune  # the module: finetune.finetune, finetune.compare_methods, finetune.rank_sweep
+from .data import CharDataset, CharTokenizer, DataUnavailableError, get_batch, load_splits
+from .devices import pick_device
+from .experiments import (
+    finetune,  # finetune.finetune: the one fine-tune pipeline (rank sweeps and studies: experiments.studies)
+    protocol,  # the fair comparison: protocol.compare, seeds, grids, the noise rule
+)
+from .experiments.pretrained import PRESETS, Pretrained, pretrained_base
+from .lora import (
+    AdapterMismatchError,
+    LoRAConfig,
+    LoRAError,
+    LoRALinear,
+    ParameterReport,
+    apply_lora,
+    lora_layers,
+    merge_and_unload,
+    merge_lora,
+    parameter_report,
+    register_variant,
+    select_targets,
+    set_fast_path,
+    set_lora_enabled,
+    unload_lora,
+    unmerge_lora,
+)
+from .model import GPT, GPTConfig
+from .storage.adapters import load_adapter, save_adapter
+from .storage.bank import AdapterBank
+from .storage.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
+from .storage.peft_format import export_peft, import_peft
+from .train import TrainConfig, TrainResult, estimate_loss, train
+from .variants import VARIANTS, check_variant
 
 __version__ = "0.1.0"

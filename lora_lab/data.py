@@ -10,6 +10,7 @@ Before asking the hub, one quiet TCP connection (3 s at most) checks that it can
 offline machine gets the error and the LORA_LAB_DATA hint at once instead of after the hub client's
 retries. The libraries' offline switches (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1) skip that check.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,11 @@ def _hub_offline() -> bool:
     import datasets.config
     import huggingface_hub.constants
 
-    switches = (getattr(datasets.config, "HF_HUB_OFFLINE", False), getattr(datasets.config, "HF_DATASETS_OFFLINE", False),
-                getattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False))  # names differ across versions
+    switches = (
+        getattr(datasets.config, "HF_HUB_OFFLINE", False),
+        getattr(datasets.config, "HF_DATASETS_OFFLINE", False),
+        getattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False),
+    )  # names differ across versions
     return any(switches)
 
 
@@ -142,7 +146,8 @@ class CharTokenizer:
         if isinstance(chars, str):
             chars = list(chars)
         if not isinstance(chars, (list, tuple, set, frozenset)) or not all(
-                isinstance(c, str) and len(c) == 1 for c in chars):
+            isinstance(c, str) and len(c) == 1 for c in chars
+        ):
             raise ValueError(f"CharTokenizer needs a string (or a list of single characters), got {chars!r:.80}.")
         if not chars:
             raise ValueError("CharTokenizer needs at least one character; the text is empty.")
@@ -150,7 +155,7 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
     @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
+    def from_text(cls, text: str) -> CharTokenizer:
         return cls(text)
 
     @property
@@ -185,7 +190,7 @@ class CharDataset:
     splits: dict[str, torch.Tensor]  # split name -> (n_chars,) int64
 
     @classmethod
-    def from_texts(cls, texts: dict[str, str], tokenizer: CharTokenizer | None = None) -> "CharDataset":
+    def from_texts(cls, texts: dict[str, str], tokenizer: CharTokenizer | None = None) -> CharDataset:
         if not isinstance(texts, dict) or not texts or not all(isinstance(t, str) for t in texts.values()):
             raise ValueError(f"texts must be a non-empty dict of split name -> text (str), got {texts!r:.80}.")
         empty = [name for name, text in texts.items() if not text]
@@ -197,7 +202,7 @@ class CharDataset:
         return cls(tokenizer, splits)
 
     @classmethod
-    def load(cls, source: str | os.PathLike | None = None) -> "CharDataset":
+    def load(cls, source: str | os.PathLike | None = None) -> CharDataset:
         return cls.from_texts(load_splits(source))
 
 
@@ -207,7 +212,9 @@ def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: t
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"batch_size and block_size must be positive integers, got {name}={value!r}.")
     if not isinstance(data, torch.Tensor) or data.dim() != 1 or data.dtype.is_floating_point:
-        what = f"shape {tuple(data.shape)}, dtype {data.dtype}" if isinstance(data, torch.Tensor) else type(data).__name__
+        what = (
+            f"shape {tuple(data.shape)}, dtype {data.dtype}" if isinstance(data, torch.Tensor) else type(data).__name__
+        )
         raise ValueError(f"data must be a 1-D tensor of token ids, got {what}.")
     if len(data) <= block_size:
         raise ValueError(f"Need more than block_size={block_size} tokens, the data has {len(data)}.")

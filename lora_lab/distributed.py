@@ -9,6 +9,7 @@ trains exactly as before.
 DDP all-reduces only parameters with requires_grad=True, so LoRA (applied and frozen *before* wrapping)
 sends r(d+k) numbers per adapted matrix instead of d*k: `GradientTraffic` counts the bytes.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -19,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
-
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,10 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def effective_batch_note(batch_size: int, run: DataParallel) -> str:
-    return (f"data-parallel over {run.world_size} processes: batch {batch_size} per rank x {run.world_size} = "
-            f"effective batch {batch_size * run.world_size} per step")
+    return (
+        f"data-parallel over {run.world_size} processes: batch {batch_size} per rank x {run.world_size} = "
+        f"effective batch {batch_size * run.world_size} per step"
+    )
 
 
 def require_all_trainable_used(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -128,7 +130,7 @@ class GradientTraffic:
         ddp_model.register_comm_hook(self, GradientTraffic.count_and_allreduce)
 
     @staticmethod
-    def count_and_allreduce(state: "GradientTraffic", bucket):
+    def count_and_allreduce(state: GradientTraffic, bucket):
         gradients = bucket.buffer()
         state.bytes += gradients.numel() * gradients.element_size()
         return default_hooks.allreduce_hook(None, bucket)  # None: the default process group
@@ -138,8 +140,9 @@ class GradientTraffic:
         return self.bytes / self.steps if self.steps else float("nan")
 
 
-def wrap_for_data_parallel(model: torch.nn.Module, run: DataParallel, device: torch.device,
-                           traffic: GradientTraffic) -> DistributedDataParallel:
+def wrap_for_data_parallel(
+    model: torch.nn.Module, run: DataParallel, device: torch.device, traffic: GradientTraffic
+) -> DistributedDataParallel:
     """DDP around a model whose trainable set is final (LoRA applied and frozen first: DDP registers the
     tensors it syncs when it is built). Every rank starts from rank 0's weights (DDP broadcasts them)."""
     device_ids = [device.index] if device.type == "cuda" else None
@@ -148,8 +151,9 @@ def wrap_for_data_parallel(model: torch.nn.Module, run: DataParallel, device: to
     return ddp_model
 
 
-def data_parallel_model(model: torch.nn.Module, run: DataParallel | None, device: torch.device,
-                        first_window: torch.Tensor) -> tuple[torch.nn.Module, GradientTraffic]:
+def data_parallel_model(
+    model: torch.nn.Module, run: DataParallel | None, device: torch.device, first_window: torch.Tensor
+) -> tuple[torch.nn.Module, GradientTraffic]:
     """(what each training step calls, its traffic counter): DDP around `model` in a data-parallel run, after
     checking on first_window (1, T + 1) that every trainable tensor reaches the loss; `model` itself otherwise.
     Any training loop can use it: train() does, and so can a loop of its own."""
@@ -174,4 +178,3 @@ def from_main(values: torch.Tensor, run: DataParallel | None) -> torch.Tensor:
     if run is not None:
         dist.broadcast(values, src=0)
     return values
-

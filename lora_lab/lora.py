@@ -5,24 +5,25 @@ A frozen weight W (d x k, d = out_features, k = in_features) is adapted by a low
     W' = W + (alpha / r) * B @ A,        A: (r x k),  B: (d x r),  r << min(d, k)
 
 Only A and B are trained: r * (d + k) numbers instead of d * k. The sections below are
-1. the settings (LoRAConfig) and the variant registry, 2. the layer (LoRALinear), 3. apply_lora,
-4. merging ΔW into W, 5. counting parameters. Choosing targets lives in targets.py, the other variants
-(DoRA, PiSSA, VeRA, ...) in variants/, adapters on disk and hot-swapping them in adapters.py.
+1. the settings (LoRAConfig), 2. the layer (LoRALinear), 3. apply_lora, 4. merging ΔW into W,
+5. counting parameters, 6. the registry of variants. Choosing targets lives in targets.py, the q/k/v fast
+path in fused.py, the other variants in variants/, adapters on disk and hot-swapping them in storage/.
 """
+
 from __future__ import annotations
 
-import ast
+import importlib
 import math
 from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import entry_points
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import AdapterMismatchError, LoRAError  # noqa: F401  (importable from here, as before)
-from .fused import grouped_linear
-from .targets import (is_lora_layer, named_modules, parent_of, target_linears, trainable_parameters,
-                      select_targets)  # noqa: F401  (select_targets: importable from here, as before)
+from .errors import AdapterMismatchError, LoRAError, UnknownVariantError  # noqa: F401  (importable from here)
+from .fused import lora_together
+from .targets import is_lora_layer, named_modules, parent_of, select_targets, target_linears, trainable_parameters  # noqa: F401  (select_targets: importable from here, as before)
 
 INITS = ("gaussian", "kaiming")
 
@@ -39,62 +40,14 @@ def _check_hyperparameters(r, alpha, dropout, init) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Settings, and the registry of variants (a variant is a LoRALinear subclass; see variants/)
-
-VARIANTS: dict[str, type] = {}
-
-
-def register_variant(cls: type) -> type:
-    """Class decorator: make a LoRALinear subclass selectable as LoRAConfig(variant=cls.variant).
-
-    Registering a class under a name again replaces it (re-running a notebook cell), except the built-ins.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, LoRALinear)):
-        raise LoRAError(f"A variant is a subclass of LoRALinear, got {cls!r}.")
-    name = cls.__dict__.get("variant")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise LoRAError(f"{cls.__name__} must set its own class attribute `variant` to a name like 'my_lora'.")
-    old = VARIANTS.get(name)
-    if old is not None and old is not cls and old.__module__.startswith("lora_lab."):
-        raise LoRAError(f"Variant name {name!r} belongs to the built-in {old.__name__}; pick another name.")
-    formula_value(cls.parameter_formula, 1, 1, 1)  # a formula that cannot be evaluated is refused now
-    if cls.__doc__ is None or cls.parameter_formula not in cls.__doc__:
-        raise LoRAError(f"{cls.__name__}'s docstring must state its parameter formula {cls.parameter_formula!r}.")
-    VARIANTS[name] = cls
-    return cls
-
-
-def variant_class(name: str) -> type:
-    if name not in VARIANTS:
-        raise LoRAError(f"Unknown LoRA variant {name!r}; registered variants: {sorted(VARIANTS)}.")
-    return VARIANTS[name]
-
-
-def formula_value(formula: str, d: int, k: int, r: int) -> int:
-    """Evaluate a parameter formula such as "r*(d+k)+d" (only d, k, r, integers, + - * and brackets)."""
-    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
-
-    def value(node):
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            return ops[type(node.op)](value(node.left), value(node.right))
-        if isinstance(node, ast.Name) and node.id in ("d", "k", "r"):
-            return {"d": d, "k": k, "r": r}[node.id]
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            return node.value
-        raise LoRAError(f"Parameter formula {formula!r}: only d, k, r, integers, +, -, * and brackets are allowed.")
-
-    try:
-        tree = ast.parse(formula, mode="eval")
-    except SyntaxError:
-        raise LoRAError(f"Parameter formula {formula!r} is not an expression like 'r*(d+k)'.") from None
-    return value(tree.body)
+# 1. Settings
 
 
 @dataclass(frozen=True)
 class LoRAConfig:
     """What to adapt and how. targets / trainable are module-name patterns (fnmatch), matched against the
     full dotted name ("blocks.0.attn.q_proj") or its last component ("q_proj"); "*.mlp.*" also works.
-    `variant` names a registered LoRA variant ("lora", "rslora", "dora", "pissa", "vera", "lora_fa", ...),
+    `variant` names a registered LoRA variant (plain "lora" by default; `VARIANTS` lists them all),
     `options` its own hyperparameters (defaults filled in and validated here)."""
 
     r: int = 8
@@ -118,8 +71,9 @@ class LoRAConfig:
         if not self.targets:
             raise LoRAError("LoRAConfig.targets is empty: name at least one nn.Linear module (e.g. 'q_proj').")
         if not isinstance(self.options, dict):
-            raise LoRAError(f"LoRAConfig.options must be a dict of the variant's hyperparameters, "
-                            f"got {self.options!r}.")
+            raise LoRAError(
+                f"LoRAConfig.options must be a dict of the variant's hyperparameters, got {self.options!r}."
+            )
         object.__setattr__(self, "options", variant_class(self.variant).check_options(self.options))
 
     @property
@@ -131,7 +85,7 @@ class LoRAConfig:
         return {**d, "targets": list(self.targets), "trainable": list(self.trainable), "options": dict(self.options)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LoRAConfig":
+    def from_dict(cls, d: dict) -> LoRAConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise LoRAError(f"Unknown LoRAConfig field(s): {sorted(unknown)}.")
@@ -155,11 +109,50 @@ class LoRALinear(nn.Module):
     component of A x at the scale of a component of x) or "kaiming" (kaiming-uniform, as in loralib and
     PEFT). They differ only in the scale of A, which alpha / r and the learning rate absorb.
 
-    A variant subclasses this layer and overrides what differs (see variants/ and check_variant):
-    `variant` (its registered name), `parameter_formula` (stated in its docstring), `options` (extra
-    hyperparameters with defaults, validated by `check_options`), `__init__` (its tensors: nn.Parameter
-    to train, persistent buffers saved with the adapter, non-persistent ones regenerated), `forward`,
-    `delta_weight` (or `merged_weight`/`unmerged_weight` for a non-additive merge), and its PEFT mapping.
+    A variant is a subclass that overrides what differs and is decorated with @register_variant;
+    check_variant(cls) runs the contract on it. Every hook it may set, in one place:
+
+    hook                      default here             read by                  change it when
+    ------------------------  -----------------------  -----------------------  ---------------------------------
+    variant                   "lora"                   registry, LoRAConfig,    always: the variant's own name
+                                                       adapter files
+    parameter_formula         "r*(d+k)"                the docstring check,     always: the count as text, stated
+                                                       check_variant            in the class docstring
+    parameter_count(d, k, r)  r*(d+k)                  reports, course counts,  the layer trains other numbers
+                              (classmethod)            check_variant            (plain arithmetic, = the formula)
+    options, check_options    {}; names and types      LoRAConfig, the CLI      extra hyperparameters (defaults
+                              checked, floats finite                            here); range rules: extend the check
+    __init__                  A random, B = 0          apply_lora, loading      new tensors: nn.Parameter trains
+                                                                                (requires_grad_(False) freezes it,
+                                                                                apply_lora keeps that), a buffer is
+                                                                                frozen (persistent: saved). Create
+                                                                                them with the base weight's dtype
+                                                                                and device
+    forward                   base(x) + s B A x        the model                the method's output (keep the first
+                                                                                lines: merged or disabled -> base)
+    scale, scaling_rule       alpha / r, "alpha/r"     forward, adapter files   another scaling (rsLoRA)
+    starts_at_base            True                     check_variant            False if step 0 is not the base
+    lora_plus_names           ("lora_B",)              LoRA+ (train's           the output-side tensors have other
+                                                       make_optimizer)          names; () opts out of LoRA+
+    rows_independent          True                     MixedAdapterModel,       see below
+                                                       check_variant
+    fuse_with_siblings        True                     the q/k/v fast path      False: this layer always runs its
+                                                       (fused.py)               own forward (set_fast_path)
+    delta_weight              s B A (fp32)             merging, analysis        the update is not s B A
+    merged_weight,            W + ΔW, W - ΔW           merge_lora,              a merge that is not additive (DoRA)
+    unmerged_weight                                    unmerge_lora
+    adapter_tensors           own parameters and       save_adapter, banks      rarely: what an adapter file holds
+                              persistent buffers
+    peft_flags, peft_names,   LoRA's flags, A and B,   export_peft,             map the tensors to PEFT's keys, or
+    peft_refusal, to_peft     ""                       import_peft              refuse (peft_flags = None, and why)
+    wraps_linear              True                     targets.is_lora_layer    never
+
+    rows_independent says that the layer's output for one row of x depends on that row alone, so rows of
+    one batch may use different adapters (MixedAdapterModel). It is a claim about forward: a subclass that
+    writes its own forward starts at False and sets True itself where it holds. (A per-adapter statistic
+    is fine: DoRA's norm ||W0 + sBA|| is one vector per adapter, the same for every row.)
+    The q/k/v fast path computes only this class's own forward; a variant with its own forward is never
+    fused (the rules are in fused.py).
     """
 
     wraps_linear = True  # how targets.py recognises an adapted layer
@@ -167,15 +160,20 @@ class LoRALinear(nn.Module):
     parameter_formula = "r*(d+k)"
     options: dict = {}
     scaling_rule = "alpha/r"
-    starts_at_base = True  # the adapted model equals the base at step 0 (the contract checks it)
-    lora_plus_names = ("lora_B",)  # the output-side tensors LoRA+ trains at lora_plus_ratio x the learning rate
+    starts_at_base = True
+    lora_plus_names = ("lora_B",)
+    rows_independent = True
     peft_flags: dict | None = {"use_rslora": False, "use_dora": False}  # None: cannot be exported to PEFT
     peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}  # our tensor -> PEFT's key suffix
-    peft_refusal = ""  # why not, where peft_flags is None
-    fuse_with_siblings = True  # False: never computed together with q/k/v siblings (forward_together), e.g. to time it
+    peft_refusal = ""
+    fuse_with_siblings = True
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
-                 **options):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__ and "rows_independent" not in cls.__dict__:
+            cls.rows_independent = False  # a new forward makes its own claim (see the docstring)
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "gaussian", **options):
         super().__init__()
         if not isinstance(base, nn.Linear) or is_lora_layer(base):
             raise LoRAError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}.")
@@ -197,14 +195,30 @@ class LoRALinear(nn.Module):
         self.merged = False  # True while the update is folded into base.weight
         self.enabled = True  # False: behave like the base layer
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., k) -> (..., d)
+        if self.merged or not self.enabled:
+            return self.base(x)
+        # base(x) + scale * B(A(dropout(x))): two thin matmuls, so the d x k matrix B @ A is never formed and
+        # the frozen weight gets no weight-gradient matmul. scale multiplies the r-wide intermediate (r/d the work).
+        return self.base(x) + F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scale, self.lora_B)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
     @classmethod
-    def from_config(cls, base: nn.Linear, config: LoRAConfig) -> "LoRALinear":
+    def parameter_count(cls, d: int, k: int, r: int) -> int:
+        """The numbers one layer trains on a d x k weight at rank r (the class's parameter_formula)."""
+        return r * (d + k)
+
+    @classmethod
+    def from_config(cls, base: nn.Linear, config: LoRAConfig) -> LoRALinear:
         return cls(base, config.r, config.alpha, config.dropout, config.init, **config.options)
 
     @classmethod
     def check_options(cls, options: dict) -> dict:
-        """The variant's hyperparameters with defaults filled in; unknown names and wrong types are refused.
-        A variant with range rules overrides this, calls super() and checks the values."""
+        """The variant's hyperparameters with defaults filled in; unknown names, wrong types and non-finite
+        floats are refused. A variant with range rules overrides this, calls super() and checks the values."""
         unknown = sorted(set(options) - set(cls.options))
         if unknown:
             known = ", ".join(f"{n}={v!r}" for n, v in cls.options.items()) or "none"
@@ -214,43 +228,18 @@ class LoRALinear(nn.Module):
             default = cls.options[name]
             wanted = (int, float) if type(default) is float else type(default)
             if isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, wanted):
-                raise LoRAError(f"Variant {cls.variant!r}: option {name} must be a {type(default).__name__}, "
-                                f"got {value!r}.")
+                raise LoRAError(
+                    f"Variant {cls.variant!r}: option {name} must be a {type(default).__name__}, got {value!r}."
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LoRAError(f"Variant {cls.variant!r}: option {name} must be a finite number, got {value!r}.")
         return full
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., k) -> (..., d)
-        if self.merged or not self.enabled:
-            return self.base(x)
-        # base(x) + scale * B(A(dropout(x))): two thin matmuls, so the d x k matrix B @ A is never formed and
-        # the frozen weight gets no weight-gradient matmul. scale multiplies the r-wide intermediate (r/d the work).
-        return self.base(x) + F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scale, self.lora_B)
 
     @classmethod
     def forward_together(cls, layers, x: torch.Tensor) -> torch.Tensor | None:
-        """The outputs of `layers` on the same x (the model's q, k and v), concatenated (..., Σd): the same sums
-        as calling each layer, in three matmuls instead of nine (fused.grouped_linear; equal to the reference,
-        tested). None where a layer cannot join, and the caller then runs each layer itself: a variant with
-        its own forward, `fuse_with_siblings = False`, LoRA dropout while training (one mask per layer), unequal
-        scales, or a mix of merged/disabled and active layers. (Module hooks are the caller's to check: it is
-        the caller that skips calling the modules.)"""
-        joinable = all(
-            l.fuse_with_siblings and type(l).forward is LoRALinear.forward
-            and (not l.training or isinstance(l.lora_dropout, nn.Identity))
-            for l in layers)
-        if not joinable or len({l.base.bias is None for l in layers}) > 1:
-            return None
-        weights, biases = [l.base.weight for l in layers], [l.base.bias for l in layers]
-        active = [not l.merged and l.enabled for l in layers]
-        if not any(active):  # merged or disabled: each layer is its base
-            return grouped_linear(x, weights, biases)
-        if not all(active) or len({l.scale for l in layers}) > 1:
-            return None
-        return grouped_linear(x, weights, biases, [l.lora_A for l in layers], [l.lora_B for l in layers],
-                              layers[0].scale)
+        """The q/k/v fast path (model.project_qkv asks the layers' class): the outputs of `layers` on the same x,
+        concatenated (..., Σd), or None where fused.py's rules say they cannot be computed together."""
+        return lora_together(layers, x, reference=LoRALinear.forward)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scale * B @ A as a (d, k) fp32 matrix: for merging and analysis, never used in training."""
@@ -275,9 +264,11 @@ class LoRALinear(nn.Module):
         tensors = self.adapter_tensors()
         unmapped = sorted(set(tensors) - set(self.peft_names))
         if unmapped:
-            raise LoRAError(f"Variant {self.variant!r} cannot be exported to PEFT: its tensors {unmapped} have no "
-                            "place in PEFT's LoRA (map them in peft_names, override to_peft, or set "
-                            "peft_flags = None).")
+            raise LoRAError(
+                f"Variant {self.variant!r} cannot be exported to PEFT: its tensors {unmapped} have no "
+                "place in PEFT's LoRA (map them in peft_names, override to_peft, or set "
+                "peft_flags = None)."
+            )
         return self.r, self.alpha, {self.peft_names[n]: t for n, t in tensors.items()}
 
     def extra_repr(self) -> str:
@@ -288,18 +279,36 @@ class LoRALinear(nn.Module):
 # 3. Adapting a model: wrap the targets, freeze the rest
 
 
-def own_parameters(layer: LoRALinear) -> dict[str, nn.Parameter]:
-    """A LoRA layer's own parameters (everything but its frozen base): what a variant trains."""
-    return {n: p for n, p in layer.named_parameters() if not n.startswith("base.")}
+def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
+    """Wrap every target nn.Linear in the config's variant of LoRALinear, in place, and freeze the rest
+    except `trainable`. Each new layer keeps the requires_grad flags its variant gave its own tensors, and
+    takes the train/eval mode of the Linear it replaces.
 
-
-def lora_plus_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters LoRA+ (Hayou et al. 2024, arXiv:2402.12354) trains at a higher learning rate: each
-    layer's `lora_plus_names` (B in LoRA; B and DoRA's magnitude; VeRA's b). Empty for a plain model."""
-    out = []
-    for layer in lora_layers(model).values():
-        out += [p for n, p in own_parameters(layer).items() if n in layer.lora_plus_names and p.requires_grad]
-    return out
+    Everything is validated and every new layer is built before the model is touched: on any error the
+    model is exactly as it was.
+    """
+    config = LoRAConfig() if config is None else config
+    if not isinstance(config, LoRAConfig):
+        raise LoRAError(f"apply_lora needs a LoRAConfig, got {type(config).__name__}.")
+    existing = lora_layers(model)
+    if existing:
+        raise LoRAError(
+            f"LoRA is already applied to {list(existing)[:4]}{' ...' if len(existing) > 4 else ''}; "
+            "applying it twice would stack adapters. Use load_adapter to replace the LoRA tensors, "
+            "or merge_and_unload first."
+        )
+    targets = target_linears(model, config.targets, config.r)
+    trainable = trainable_parameters(model, config.trainable, targets)
+    layers = {name: config.layer_class.from_config(linear, config) for name, linear in targets.items()}
+    model.requires_grad_(False)  # the layers are not in the model yet: only the base is frozen here
+    for name, layer in layers.items():
+        layer.train(targets[name].training)  # in an eval model, LoRA dropout is off from the start
+        parent, attr = parent_of(model, name)
+        setattr(parent, attr, layer)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    model.lora_config = config  # remembered for save_adapter / export
+    return model
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -313,34 +322,27 @@ def require_lora(model: nn.Module) -> dict[str, LoRALinear]:
     return layers
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
-    """Wrap every target nn.Linear in the config's variant of LoRALinear, in place, and freeze all but the
-    variant's trainable tensors and `trainable`.
+def own_parameters(layer: LoRALinear) -> dict[str, nn.Parameter]:
+    """A LoRA layer's own parameters (everything but its frozen base); those with requires_grad are trained."""
+    return {n: p for n, p in layer.named_parameters() if not n.startswith("base.")}
 
-    Everything is validated and every new layer is built before the model is touched: on any error the
-    model is exactly as it was.
-    """
-    config = LoRAConfig() if config is None else config
-    if not isinstance(config, LoRAConfig):
-        raise LoRAError(f"apply_lora needs a LoRAConfig, got {type(config).__name__}.")
-    existing = lora_layers(model)
-    if existing:
-        raise LoRAError(f"LoRA is already applied to {list(existing)[:4]}{' ...' if len(existing) > 4 else ''}; "
-                        "applying it twice would stack adapters. Use load_adapter to replace the LoRA tensors, "
-                        "or merge_and_unload first.")
-    targets = target_linears(model, config.targets, config.r)
-    trainable = trainable_parameters(model, config.trainable, targets)
-    layers = {name: config.layer_class.from_config(linear, config) for name, linear in targets.items()}
-    model.requires_grad_(False)
-    for name, layer in layers.items():
-        for p in own_parameters(layer).values():  # the variant's own parameters train; buffers stay frozen
-            p.requires_grad_(True)
-        parent, attr = parent_of(model, name)
-        setattr(parent, attr, layer)
-    for p in trainable.values():
-        p.requires_grad_(True)
-    model.lora_config = config  # remembered for save_adapter / export
-    return model
+
+def lora_plus_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters LoRA+ (Hayou et al. 2024, arXiv:2402.12354) trains at a higher learning rate: each
+    layer's trainable `lora_plus_names` (its output-side tensors). Empty for a model without LoRA; a layer
+    whose names match none of its trainable tensors is refused, naming its variant."""
+    out = []
+    for name, layer in lora_layers(model).items():
+        trained = {n: p for n, p in own_parameters(layer).items() if p.requires_grad}
+        fast = [p for n, p in trained.items() if n in layer.lora_plus_names]
+        if not fast:
+            raise LoRAError(
+                f"LoRA+ trains each layer's lora_plus_names faster, but variant {layer.variant!r} names "
+                f"{tuple(layer.lora_plus_names)} and its layer {name!r} trains {sorted(trained)}: set "
+                "lora_plus_names on the variant to its output-side tensors (or do not use LoRA+ with it)."
+            )
+        out += fast
+    return out
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
@@ -396,8 +398,8 @@ def _fold(layers: dict[str, LoRALinear], sign: int, action: str) -> None:
     with torch.no_grad():
         for n, layer in layers.items():
             if sign > 0:
-                # The merged weight is rounded to W's dtype (in bf16 to ~3 digits), so undoing the merge would
-                # not give W back: keep W itself while merged (a non-persistent buffer: follows .to(), never saved).
+                # The merged weight is rounded to W's dtype, so undoing the merge by subtraction would not
+                # give W back in bf16: keep W itself while merged (a non-persistent buffer: follows .to(), never saved).
                 layer.register_buffer("weight_before_merge", layer.base.weight.detach().clone(), persistent=False)
                 layer.base.weight.copy_(new[n])
             else:
@@ -405,7 +407,8 @@ def _fold(layers: dict[str, LoRALinear], sign: int, action: str) -> None:
                 # W comes back exactly if the merged weight is still what merging made of it (it was not
                 # edited or trained while merged); otherwise the variant's inverse is the best there is.
                 unchanged = kept is not None and torch.equal(
-                    layer.base.weight, layer.merged_weight(kept.float()).to(kept.dtype))
+                    layer.base.weight, layer.merged_weight(kept.float()).to(kept.dtype)
+                )
                 layer.base.weight.copy_(kept if unchanged else new[n])
                 layer.weight_before_merge = None
             layer.merged = sign > 0
@@ -414,9 +417,8 @@ def _fold(layers: dict[str, LoRALinear], sign: int, action: str) -> None:
 def merge_lora(model: nn.Module) -> None:
     """Fold each layer's update into its weight (W <- W + ΔW for additive variants; fp32 math, rounded once).
 
-    Memory: while merged, each adapted layer keeps a copy of its original W (d * k numbers in W's dtype,
-    e.g. 64 KiB for a 128 x 128 fp32 layer) so that unmerge_lora restores W bit for bit in every dtype;
-    unmerge_lora and merge_and_unload drop it.
+    Memory: while merged, each adapted layer keeps a copy of its original W (d * k numbers in W's dtype)
+    so that unmerge_lora restores W bit for bit in every dtype; unmerge_lora and merge_and_unload drop it.
     """
     layers = require_lora(model)
     merged = [n for n, l in layers.items() if l.merged]
@@ -476,32 +478,154 @@ class ParameterReport:
         return self.trainable_params / self.total_params
 
     def to_text(self) -> str:
-        formulas = {w.formula.replace("*", "") for w in self.rows}  # "r(d+k)", "r(d+k)+d", "rd", ...
-        head = formulas.pop() if len(formulas) == 1 else "trained"
-        lines = [f"{'module':<28}{'d':>6}{'k':>6}{'r':>4}{head:>10}{'d*k':>10}"]
+        lines = [f"{'module':<28}{'d':>6}{'k':>6}{'r':>4}{'trained':>10}{'d*k':>10}"]
         lines += [f"{w.name:<28}{w.d:>6}{w.k:>6}{w.r:>4}{w.lora_params:>10,}{w.full_params:>10,}" for w in self.rows]
         full = sum(w.full_params for w in self.rows)
-        variants = sorted({w.variant for w in self.rows} - {"lora"})
-        which = f" ({', '.join(variants)})" if variants else ""
+        variants = sorted({(w.variant, w.formula) for w in self.rows if w.variant != "lora"})
+        which = f" ({', '.join(f'{v}: {f} per layer' for v, f in variants)})" if variants else ""
         lines.append(f"LoRA parameters{which}: {self.lora_params:,} (vs {full:,} in the adapted matrices)")
         lines.append(f"trainable: {self.trainable_params:,} of {self.total_params:,} ({self.trainable_fraction:.3%})")
         return "\n".join(lines)
 
 
 def layer_trainable_count(layer: LoRALinear) -> int:
-    """The numbers a layer trains: its own parameters (not the frozen base, not buffers)."""
-    return sum(p.numel() for p in own_parameters(layer).values())
+    """The numbers a layer trains: its own parameters that require grad (not the base, frozen ones or buffers)."""
+    return sum(p.numel() for p in own_parameters(layer).values() if p.requires_grad)
 
 
 def parameter_report(model: nn.Module) -> ParameterReport:
     rows = tuple(
-        ParameterRow(n, l.base.out_features, l.base.in_features, l.r, layer_trainable_count(l),
-                     l.base.out_features * l.base.in_features, l.variant, l.parameter_formula)
+        ParameterRow(
+            n,
+            l.base.out_features,
+            l.base.in_features,
+            l.r,
+            layer_trainable_count(l),
+            l.base.out_features * l.base.in_features,
+            l.variant,
+            l.parameter_formula,
+        )
         for n, l in lora_layers(model).items()
     )
     params = list(model.parameters())  # unique: lm_head.weight is tok_emb.weight
-    return ParameterReport(rows, sum(w.lora_params for w in rows), sum(p.numel() for p in params),
-                           sum(p.numel() for p in params if p.requires_grad))
+    return ParameterReport(
+        rows,
+        sum(w.lora_params for w in rows),
+        sum(p.numel() for p in params),
+        sum(p.numel() for p in params if p.requires_grad),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The registry: a variant is a LoRALinear subclass, selectable by its name once registered
+
+VARIANTS: dict[str, type] = {}
+ENTRY_POINT_GROUP = "lora_lab.variants"  # where an installed package publishes its variants, by name
+
+
+def _defined_by(cls: type, attr: str) -> type:
+    return next(c for c in cls.__mro__ if attr in c.__dict__)
+
+
+def register_variant(cls: type) -> type:
+    """Class decorator: make a LoRALinear subclass selectable as LoRAConfig(variant=cls.variant).
+
+    Refused: a name that is not an identifier or belongs to a built-in, a docstring that does not state
+    parameter_formula, and a new formula whose parameter_count is inherited unchanged. Registering a class
+    under its name again replaces it (re-running a notebook cell).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, LoRALinear)):
+        raise LoRAError(f"A variant is a subclass of LoRALinear, got {cls!r}.")
+    name = cls.__dict__.get("variant")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LoRAError(f"{cls.__name__} must set its own class attribute `variant` to a name like 'my_lora'.")
+    old = VARIANTS.get(name)
+    if old is not None and old is not cls and old.__module__.startswith("lora_lab."):
+        raise LoRAError(f"Variant name {name!r} belongs to the built-in {old.__name__}; pick another name.")
+    formula = cls.parameter_formula
+    if not isinstance(formula, str) or cls.__doc__ is None or formula not in cls.__doc__:
+        raise LoRAError(f"{cls.__name__}'s docstring must state its parameter formula {formula!r}.")
+    counted_by = _defined_by(cls, "parameter_count")
+    if counted_by is not cls and counted_by.parameter_formula != formula:
+        raise LoRAError(
+            f"{cls.__name__} states parameter_formula {formula!r} but inherits parameter_count from "
+            f"{counted_by.__name__} ({counted_by.parameter_formula!r}); define the classmethod "
+            f"parameter_count(cls, d, k, r) returning {formula}."
+        )
+    try:
+        count = cls.parameter_count(8, 6, 2)
+    except Exception as err:  # noqa: BLE001 - any mistake in it is the variant's, named here
+        raise LoRAError(f"{cls.__name__}.parameter_count(d=8, k=6, r=2) raised {type(err).__name__}: {err}") from None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise LoRAError(f"{cls.__name__}.parameter_count must return a non-negative int, got {count!r}.")
+    VARIANTS[name] = cls
+    return cls
+
+
+def variant_class(name: str) -> type:
+    """The registered variant called `name`, or one an installed package publishes under that name in the
+    entry-point group "lora_lab.variants" (loaded and registered now). Never imports anything else."""
+    if name not in VARIANTS and isinstance(name, str):
+        published = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if published:
+            return _registered(_load_entry_point(published[0]), name)
+    if name not in VARIANTS:
+        raise UnknownVariantError(
+            name,
+            f"Unknown LoRA variant {name!r}; registered variants: {sorted(VARIANTS)}. A variant of your own "
+            "is registered when the module that defines it is imported (import it first), or when an "
+            f"installed package publishes it in the entry-point group {ENTRY_POINT_GROUP!r}.",
+        )
+    return VARIANTS[name]
+
+
+def resolve_variant(spec: str) -> type:
+    """The variant class a user names (e.g. on the command line), registered if it is not yet:
+
+    "dora"                  a registered name (or one published in the entry-point group "lora_lab.variants")
+    "mypkg.lora_xs:LoRAXS"  an import path: the module is imported and the class must subclass LoRALinear
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise LoRAError(f"A LoRA variant is a name or an import path 'module:Class', got {spec!r}.")
+    if ":" not in spec:
+        return variant_class(spec)
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - an import error of any kind, named with the spec
+        raise LoRAError(
+            f"LoRA variant {spec!r}: cannot import module {module_name!r} ({type(err).__name__}: {err})."
+        ) from err
+    if not hasattr(module, attr):
+        raise LoRAError(f"LoRA variant {spec!r}: module {module_name!r} has no attribute {attr!r}.")
+    return _registered(getattr(module, attr), spec)
+
+
+def _load_entry_point(ep) -> object:
+    try:
+        return ep.load()
+    except Exception as err:  # noqa: BLE001
+        raise LoRAError(
+            f"LoRA variant {ep.name!r} (entry point {ep.value!r} in {ENTRY_POINT_GROUP!r}) cannot be loaded: "
+            f"{type(err).__name__}: {err}"
+        ) from None
+
+
+def _registered(cls, spec: str) -> type:
+    """cls, registered if it is not yet; refused unless it is a variant class (and, by name, that name's)."""
+    if not (isinstance(cls, type) and issubclass(cls, LoRALinear)):
+        raise LoRAError(f"LoRA variant {spec!r} is {cls!r}, not a subclass of LoRALinear.")
+    if ":" not in spec and cls.__dict__.get("variant") != spec:
+        raise LoRAError(
+            f"LoRA variant {spec!r}: the entry point loads {cls.__name__}, whose variant name is "
+            f"{cls.__dict__.get('variant')!r}; publish it under that name."
+        )
+    if VARIANTS.get(cls.__dict__.get("variant")) is not cls:
+        try:
+            register_variant(cls)
+        except LoRAError as err:
+            raise LoRAError(f"LoRA variant {spec!r} cannot be registered: {err}") from None
+    return cls
 
 
 register_variant(LoRALinear)

@@ -8,6 +8,7 @@ Positions are rotary by default (RoPE, Su et al. 2021): q and k are rotated by a
 the position, so q·k depends only on how far apart two characters are. With nanoGPT's budget this
 reaches a much lower loss than a learned position table; positions="learned" keeps nanoGPT's model.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
 
 POSITIONS = ("rope", "learned")
 
@@ -48,15 +48,13 @@ class GPTConfig:
         if self.positions not in POSITIONS:
             raise ValueError(f"GPTConfig.positions must be one of {POSITIONS}, got {self.positions!r}.")
         if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(
-                f"Rotary positions need an even head size; n_embd/n_head = {self.n_embd // self.n_head}."
-            )
+            raise ValueError(f"Rotary positions need an even head size; n_embd/n_head = {self.n_embd // self.n_head}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -108,8 +106,8 @@ def rotate_pairs(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> tor
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal scaled dot-product attention, (B, H, T, D) -> (B, H, T, D). On a CPU under bf16 autocast it
-    runs in fp32: PyTorch's CPU flash-attention backward is ~4x slower in bf16 than in fp32 (measured in
-    benchmarks/RESULTS_pretrain.md), while the matmuls around it gain ~2x from bf16."""
+    runs in fp32: PyTorch's CPU flash-attention backward is slower in bf16 than in fp32, while the matmuls
+    around it gain from bf16 (benchmarks/RESULTS_pretrain.md has the measurements)."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
@@ -130,10 +128,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = config.positions == "rope"
         if self.rotary:  # fixed tables, rebuilt from the config, so not saved in checkpoints
-            cos, sin = rotary_tables(C // config.n_head, config.block_size)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-            cos2, sin2 = rotary_pair_tables(cos, sin)  # the same tables, laid out for rotate_pairs
+            cos2, sin2 = rotary_pair_tables(*rotary_tables(C // config.n_head, config.block_size))  # for rotate_pairs
             self.register_buffer("rope_cos2", cos2, persistent=False)
             self.register_buffer("rope_sin2", sin2, persistent=False)
 
@@ -254,8 +249,7 @@ class GPT(nn.Module):
         if lo < 0 or hi >= V:
             bad = idx[(idx < 0) | (idx >= V)].unique()
             shown = ", ".join(str(i) for i in bad[:8].tolist()) + (", ..." if bad.numel() > 8 else "")
-            raise ValueError(f"{what} holds token id(s) {shown} outside the vocabulary [0, {V}) "
-                             f"(vocab_size={V}).")
+            raise ValueError(f"{what} holds token id(s) {shown} outside the vocabulary [0, {V}) (vocab_size={V}).")
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx: (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets are given."""

@@ -5,6 +5,7 @@ torch.Generator on the model's device, and decodes only the new characters. So t
 same text for the same model on the same machine, whether the model was in train or eval mode, and the
 caller's mode (and the global random state) are left exactly as they were.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,7 @@ def sample_text(
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"The prompt must be a non-empty string (at least one character), got {prompt!r}.")
     _check_int("length", length, 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}.")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}.")
@@ -49,4 +50,4 @@ def sample_text(
     generator = torch.Generator(device=device).manual_seed(seed)
     with eval_mode(model):
         out = model.generate(idx, length, temperature=temperature, top_k=top_k, generator=generator)
-    return tokenizer.decode(out[0, idx.size(1):].cpu())
+    return tokenizer.decode(out[0, idx.size(1) :].cpu())

@@ -4,6 +4,7 @@ Nothing here changes a model. An adapted layer (any LoRA variant) is recognised 
 a module that wraps a frozen nn.Linear as `.base` and says so with the class flag `wraps_linear = True`.
 It counts as its base when targets are resolved, so a config can be checked against an adapted model too.
 """
+
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
@@ -61,17 +62,23 @@ def target_linears(model: nn.Module, patterns, r: int) -> dict[str, nn.Linear]:
         if not linear:
             kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in hits[:6])
             found = f"matches only {kinds}; " if hits else "matches no module; "
-            raise LoRAError(f"LoRA target {pattern!r} {found}only nn.Linear layers can be targeted. "
-                            f"Linear layers in this model: {_linear_summary(modules)}.")
+            raise LoRAError(
+                f"LoRA target {pattern!r} {found}only nn.Linear layers can be targeted. "
+                f"Linear layers in this model: {_linear_summary(modules)}."
+            )
         for n in linear:
             base = modules[n].base if is_lora_layer(modules[n]) else modules[n]
             if id(base.weight) in tied:
                 others = [t for t in tied[id(base.weight)] if not t.startswith(n + ".")]
-                raise LoRAError(f"LoRA target {n!r} shares its weight with {others} (weight tying); "
-                                "merging ΔW into it would change the embedding too, so it cannot be targeted.")
+                raise LoRAError(
+                    f"LoRA target {n!r} shares its weight with {others} (weight tying); "
+                    "merging ΔW into it would change the embedding too, so it cannot be targeted."
+                )
             if r > min(base.out_features, base.in_features):
-                raise LoRAError(f"LoRA rank r={r} exceeds min(d, k) = min({base.out_features}, {base.in_features}) "
-                                f"for {n!r}; B @ A cannot have rank above that.")
+                raise LoRAError(
+                    f"LoRA rank r={r} exceeds min(d, k) = min({base.out_features}, {base.in_features}) "
+                    f"for {n!r}; B @ A cannot have rank above that."
+                )
             chosen[n] = base
     return chosen
 
@@ -87,8 +94,10 @@ def trainable_parameters(model: nn.Module, patterns, targets) -> dict[str, nn.Pa
         for n in hits:
             clash = [t for t in targets if t == n or t.startswith(n + ".")]
             if clash:
-                raise LoRAError(f"trainable module {n!r} contains LoRA targets {clash[:4]}: a layer is either "
-                                "adapted by LoRA or trained in full, not both.")
+                raise LoRAError(
+                    f"trainable module {n!r} contains LoRA targets {clash[:4]}: a layer is either "
+                    "adapted by LoRA or trained in full, not both."
+                )
             ids.update(id(p) for p in modules[n].parameters())
     return {name: p for name, p in model.named_parameters() if id(p) in ids}
 

@@ -1,7 +1,8 @@
 """Downstream tasks made from tiny-shakespeare itself: what LoRA adapts the base model *to*.
 
 The text is a sequence of speeches ("turns") separated by blank lines, each starting "SPEAKER:".
-- The *source domain* is what the base GPT is pretrained on: the train split with the held-out play removed. Its validation text is the dataset's validation split.
+- The *source domain* is what the base GPT is pretrained on: the train split with the held-out play removed.
+  Its validation text is the dataset's validation split.
 - `romeo_juliet` (held-out domain): the play Romeo and Juliet (~44%-57% of the train split), which the
   base never saw. Kept for compatibility, not as the headline: to a character-level model it is barely new
   (the tiny base's loss on it is within 0.08 nats of its source loss; benchmarks/RESULTS_protocol.md).
@@ -11,6 +12,7 @@ The text is a sequence of speeches ("turns") separated by blank lines, each star
   task has a metric besides loss: next-character accuracy on the held-out text (`metric`).
 Every task reports the target-domain loss (adaptation) and the source-domain loss (forgetting).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,9 +22,27 @@ from dataclasses import dataclass
 # `play_span`), anchored on names that occur in no other play.
 ROMEO_JULIET_CAST = frozenset(
     {
-        "ROMEO", "JULIET", "Nurse", "MERCUTIO", "BENVOLIO", "TYBALT", "CAPULET", "LADY CAPULET",
-        "FRIAR LAURENCE", "FRIAR JOHN", "MONTAGUE", "LADY MONTAGUE", "PARIS", "PRINCE", "SAMPSON",
-        "GREGORY", "ABRAHAM", "BALTHASAR", "PETER", "Second Capulet", "Page",
+        "ROMEO",
+        "JULIET",
+        "Nurse",
+        "MERCUTIO",
+        "BENVOLIO",
+        "TYBALT",
+        "CAPULET",
+        "LADY CAPULET",
+        "FRIAR LAURENCE",
+        "FRIAR JOHN",
+        "MONTAGUE",
+        "LADY MONTAGUE",
+        "PARIS",
+        "PRINCE",
+        "SAMPSON",
+        "GREGORY",
+        "ABRAHAM",
+        "BALTHASAR",
+        "PETER",
+        "Second Capulet",
+        "Page",
     }
 )
 ROMEO_JULIET_ONLY = frozenset({"ROMEO", "MERCUTIO", "BENVOLIO", "TYBALT", "FRIAR LAURENCE", "Nurse", "LADY CAPULET"})
@@ -72,8 +92,10 @@ def _check_splits(splits) -> None:
         raise ValueError(f"splits must be a dict of split name -> text (see load_splits), got {type(splits).__name__}.")
     for name in ("train", "validation"):
         if not isinstance(splits.get(name), str) or not splits[name]:
-            raise ValueError(f"splits[{name!r}] is missing or empty; tasks need the dataset's train and validation "
-                             f"text (load_splits gives both). Found splits: {sorted(splits)}.")
+            raise ValueError(
+                f"splits[{name!r}] is missing or empty; tasks need the dataset's train and validation "
+                f"text (load_splits gives both). Found splits: {sorted(splits)}."
+            )
 
 
 def source_domain(splits: dict[str, str]) -> dict[str, str]:
@@ -98,8 +120,10 @@ class Task:
         for name in ("train", "validation", "source_validation"):
             text = getattr(self, name)
             if not isinstance(text, str) or not text:
-                raise ValueError(f"Task {self.name!r}: its {name} text is empty (or not a str); the text it was "
-                                 "made from is too short for this task.")
+                raise ValueError(
+                    f"Task {self.name!r}: its {name} text is empty (or not a str); the text it was "
+                    "made from is too short for this task."
+                )
         if self.metric is not None and self.metric not in METRICS:
             raise ValueError(f"Task {self.name!r}: unknown metric {self.metric!r}; choose one of {sorted(METRICS)}.")
 
@@ -110,8 +134,10 @@ def romeo_juliet(splits: dict[str, str]) -> Task:
     cut = int(len(held) * (1 - TARGET_VAL_FRACTION))
     cut = held.rfind("\n\n", 0, cut) + 2  # split between speeches, not inside one
     if cut < 2:  # rfind gave -1: no speech ends before the cut
-        raise ValueError(f"Romeo and Juliet is only {len(split_turns(held))} speech(es) in this text: too short to "
-                         "split into fine-tuning and validation speeches.")
+        raise ValueError(
+            f"Romeo and Juliet is only {len(split_turns(held))} speech(es) in this text: too short to "
+            "split into fine-tuning and validation speeches."
+        )
     return Task(
         name="romeo_juliet",
         description="Held-out domain: the play Romeo and Juliet, removed from pretraining.",
@@ -164,7 +190,7 @@ def rot13(splits: dict[str, str]) -> Task:
 # Task metrics besides loss, each a fraction of held-out examples scored right (higher is better).
 METRICS = {
     "char_accuracy": "next-character accuracy: the share of validation characters that are the model's most "
-                     "likely next character (each predicted once, from up to block_size characters of context)",
+    "likely next character (each predicted once, from up to block_size characters of context)",
 }
 
 TASKS = {"romeo_juliet": romeo_juliet, "shout": shout, "rot13": rot13}

@@ -2,60 +2,30 @@
 train/val loss estimates and a tqdm bar. Trains whatever parameters have requires_grad=True, so the
 same loop pretrains the GPT, fully fine-tunes it, or trains only LoRA's A and B.
 """
+
 from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import get_batch
-from .distributed import (data_parallel, data_parallel_model, effective_batch_note, from_main, mean_over_ranks,
-                          rank_device, rank_seed, say)
+from .devices import DEVICES, autocast_for, fast_fp32_matmuls, pick_device
+from .distributed import (
+    data_parallel,
+    data_parallel_model,
+    effective_batch_note,
+    from_main,
+    mean_over_ranks,
+    rank_device,
+    rank_seed,
+    say,
+)
 from .lora import lora_plus_parameters
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-def pick_device(device: str | None = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu. Asking for a device that is not there is an error."""
-    device = device or "auto"
-    kind = str(device).split(":")[0]
-    if kind not in DEVICES:
-        raise ValueError(f"Unknown device {device!r}; choose one of {', '.join(DEVICES)} (e.g. 'cuda:1').")
-    if kind == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("Device 'cuda' was requested but torch sees no CUDA GPU.")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("Device 'mps' was requested but this machine has no usable MPS backend.")
-    return torch.device(device)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs whose matmuls run natively in bf16 (AVX512-BF16 or AMX), where bf16 autocast is ~2x faster."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN, or an older one without the query
-        return False
-
-
-def autocast_for(device: torch.device, use_bf16: bool = True):
-    """bf16 autocast on CUDA GPUs that support it and on CPUs with native bf16 matmuls; plain fp32 elsewhere."""
-    device = torch.device(device)
-    if use_bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    if use_bf16 and device.type == "cpu" and cpu_has_native_bf16():
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _is_int(value) -> bool:
@@ -102,7 +72,9 @@ class TrainConfig:
         if not _is_int(self.warmup_iters) or self.warmup_iters < 0:
             raise ValueError(f"TrainConfig.warmup_iters must be an integer >= 0, got {self.warmup_iters!r}.")
         if self.lr_decay_iters is not None and (not _is_int(self.lr_decay_iters) or self.lr_decay_iters <= 0):
-            raise ValueError(f"TrainConfig.lr_decay_iters must be a positive integer or None, got {self.lr_decay_iters!r}.")
+            raise ValueError(
+                f"TrainConfig.lr_decay_iters must be a positive integer or None, got {self.lr_decay_iters!r}."
+            )
         if not _is_int(self.seed):
             raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}.")
         if not _is_finite_number(self.learning_rate) or self.learning_rate <= 0:
@@ -126,11 +98,16 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if not (self.fused_optimizer is None or isinstance(self.fused_optimizer, bool)):
-            raise ValueError(f"TrainConfig.fused_optimizer must be True, False or None (automatic), "
-                             f"got {self.fused_optimizer!r}.")
-        if self.lora_plus_ratio is not None and (not _is_finite_number(self.lora_plus_ratio) or self.lora_plus_ratio <= 0):
-            raise ValueError(f"TrainConfig.lora_plus_ratio must be None (off) or a finite number > 0 (LoRA+ "
-                             f"suggests 16), got {self.lora_plus_ratio!r}.")
+            raise ValueError(
+                f"TrainConfig.fused_optimizer must be True, False or None (automatic), got {self.fused_optimizer!r}."
+            )
+        if self.lora_plus_ratio is not None and (
+            not _is_finite_number(self.lora_plus_ratio) or self.lora_plus_ratio <= 0
+        ):
+            raise ValueError(
+                f"TrainConfig.lora_plus_ratio must be None (off) or a finite number > 0 (LoRA+ "
+                f"suggests 16), got {self.lora_plus_ratio!r}."
+            )
         if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)}.")
 
@@ -177,8 +154,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         raise ValueError("The model has no trainable parameters (every requires_grad is False).")
     fast = {id(p) for p in lora_plus_parameters(model)} if cfg.lora_plus_ratio is not None else set()
     if cfg.lora_plus_ratio is not None and not fast:
-        raise ValueError("TrainConfig.lora_plus_ratio is set, but the model has no LoRA B tensors to speed up "
-                         "(LoRA+ needs apply_lora first).")
+        raise ValueError(
+            "TrainConfig.lora_plus_ratio is set, but the model has no LoRA B tensors to speed up "
+            "(LoRA+ needs apply_lora first)."
+        )
     groups = [  # lr_scale: the schedule's learning rate is multiplied by it (LoRA+: B's groups)
         {"params": [p for p in params if p.dim() >= 2 and id(p) not in fast], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2 and id(p) not in fast], "weight_decay": 0.0},
@@ -196,7 +175,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         return adamw(groups, **kwargs, fused=True)
     except (RuntimeError, TypeError) as err:  # this torch has no fused AdamW for these tensors' device or dtype
         if cfg.fused_optimizer:
-            raise ValueError(f"TrainConfig.fused_optimizer=True, but this torch cannot fuse AdamW here: {err}") from None
+            raise ValueError(
+                f"TrainConfig.fused_optimizer=True, but this torch cannot fuse AdamW here: {err}"
+            ) from None
         return adamw(groups, **kwargs)
 
 
@@ -251,8 +232,14 @@ class TrainResult:
         return self.evals[-1] if self.evals else {}
 
     def to_dict(self) -> dict:
-        return {"losses": self.losses, "evals": self.evals, "seconds": self.seconds, "tokens": self.tokens,
-                "best_iter": self.best_iter, "notes": self.notes}
+        return {
+            "losses": self.losses,
+            "evals": self.evals,
+            "seconds": self.seconds,
+            "tokens": self.tokens,
+            "best_iter": self.best_iter,
+            "notes": self.notes,
+        }
 
 
 class BatchSampler:
@@ -263,8 +250,14 @@ class BatchSampler:
     Given a list of N generators, each draws batch_size/N rows in turn: one process then builds exactly the
     global batch of N data-parallel ranks (rank r's rows from its own generator)."""
 
-    def __init__(self, data: torch.Tensor, batch_size: int, block_size: int,
-                 generator: torch.Generator | list[torch.Generator], device: torch.device):
+    def __init__(
+        self,
+        data: torch.Tensor,
+        batch_size: int,
+        block_size: int,
+        generator: torch.Generator | list[torch.Generator],
+        device: torch.device,
+    ):
         if len(data) <= block_size:
             raise ValueError(f"Need more than block_size={block_size} tokens, the data has {len(data)}.")
         self.generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
@@ -276,8 +269,9 @@ class BatchSampler:
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         share = self.batch_size // len(self.generators)
-        ix = torch.cat([torch.randint(len(self.data) - self.block_size, (share,), generator=g)
-                        for g in self.generators])
+        ix = torch.cat(
+            [torch.randint(len(self.data) - self.block_size, (share,), generator=g) for g in self.generators]
+        )
         if self.device.type == "cuda":
             ix = ix.pin_memory().to(self.device, non_blocking=True)
         window = self.data[ix[:, None] + self.offsets]  # (B, T + 1)
@@ -293,20 +287,6 @@ def compiled_or_eager(model: torch.nn.Module, wanted: bool, notes: list[str]):
         notes.append(f"torch.compile is not in torch {torch.__version__}; trained eagerly.")
         return model
     return torch.compile(model)
-
-
-@contextmanager
-def fast_fp32_matmuls(device: torch.device):
-    """TF32 for the fp32 matmuls left on CUDA (bf16 autocast covers most); restores the previous setting."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def train(
@@ -339,11 +319,14 @@ def train(
     while training through this one loop (under torchrun every rank scores its identical replica).
     """
     if not _is_int(emulate_ranks) or emulate_ranks <= 0 or cfg.batch_size % emulate_ranks:
-        raise ValueError(f"emulate_ranks must be a positive integer dividing batch_size={cfg.batch_size}, "
-                         f"got {emulate_ranks!r}.")
+        raise ValueError(
+            f"emulate_ranks must be a positive integer dividing batch_size={cfg.batch_size}, got {emulate_ranks!r}."
+        )
     if score is not None and (cfg.keep_best or score_steps is None):
-        raise ValueError("train(score=...) needs score_steps, and keep_best picks by the built-in estimate: "
-                         "pass score_steps and set keep_best=False.")
+        raise ValueError(
+            "train(score=...) needs score_steps, and keep_best picks by the built-in estimate: "
+            "pass score_steps and set keep_best=False."
+        )
     if cfg.keep_best and val_data is None:
         raise ValueError("TrainConfig.keep_best needs validation data to pick the best weights; val_data is None.")
     if cfg.activation_checkpointing and not hasattr(model, "activation_checkpointing"):
@@ -370,8 +353,11 @@ def train(
     best_val, best_weights = math.inf, None
     pending: list[torch.Tensor] = []  # losses still on the device, read in one go every log_interval steps
 
-    eval_steps = (set(range(0, cfg.max_iters, cfg.eval_interval)) | {cfg.max_iters} if score is None
-                  else {int(s) for s in score_steps})
+    eval_steps = (
+        set(range(0, cfg.max_iters, cfg.eval_interval)) | {cfg.max_iters}
+        if score is None
+        else {int(s) for s in score_steps}
+    )
 
     def evaluate(it: int, lr: float):
         nonlocal best_val, best_weights
@@ -384,10 +370,16 @@ def train(
         if run is None:
             est = estimate_loss(model, eval_splits, cfg.batch_size, cfg.eval_iters, cfg.seed + 1, device, cfg.bf16)
         else:  # rank 0 evaluates batches of the effective size; every rank gets the numbers (keep_best agrees)
-            est = (estimate_loss(model, eval_splits, cfg.batch_size * run.world_size, cfg.eval_iters, cfg.seed + 1,
-                                 device, cfg.bf16) if run.is_main else {})
-            numbers = from_main(torch.tensor([est.get("train", 0.0), est.get("val", math.nan)],
-                                             dtype=torch.float64), run).tolist()
+            est = (
+                estimate_loss(
+                    model, eval_splits, cfg.batch_size * run.world_size, cfg.eval_iters, cfg.seed + 1, device, cfg.bf16
+                )
+                if run.is_main
+                else {}
+            )
+            numbers = from_main(
+                torch.tensor([est.get("train", 0.0), est.get("val", math.nan)], dtype=torch.float64), run
+            ).tolist()
             est = {"train": numbers[0], **({} if val_data is None else {"val": numbers[1]})}
         result.evals.append({"iter": it, "train": est["train"], "val": est.get("val"), "lr": lr})
         if cfg.keep_best and est["val"] < best_val:  # a copy of the trainable weights only: small for LoRA
@@ -466,4 +458,3 @@ def train(
                 p.copy_(best)
     model.eval()
     return result
-

@@ -1,5 +1,6 @@
 """Shared fixtures. Tests never touch the network: the real dataset comes from LORA_LAB_DATA
 (CI points it at the offline copy); tests that need it skip with a clear reason when it is unset."""
+
 import os
 
 import pytest

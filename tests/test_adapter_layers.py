@@ -1,10 +1,11 @@
 """Houlsby-style adapter layers: the latency baseline of chapter 6."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-from lora_lab.adapter_layers import BottleneckAdapter, adapter_layer_params, adapter_layers, add_adapter_layers
 from tiny_models import TINY, assert_same, snapshot, tiny_gpt, tokens
+
+from lora_lab.course.adapter_layers import BottleneckAdapter, adapter_layer_params, adapter_layers, add_adapter_layers
 
 
 def test_starts_as_the_base_and_only_adapters_train():

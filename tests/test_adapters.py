@@ -1,4 +1,5 @@
 """Adapters on disk (save_adapter / load_adapter) and hot-swapping on one base (AdapterBank)."""
+
 import copy
 import hashlib
 import json
@@ -9,23 +10,27 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import TINY, assert_same, snapshot, tiny_gpt, tokens
 
 from lora_lab import (
+    GPT,
     AdapterBank,
     AdapterMismatchError,
     GPTConfig,
     LoRAConfig,
     LoRAError,
+    LoRALinear,
     apply_lora,
     load_adapter,
     lora_layers,
     merge_lora,
+    register_variant,
     save_adapter,
 )
-from lora_lab.adapters import base_weights_digest, read_adapter_metadata
-from lora_lab.files import CorruptFileError, OutputExistsError
-
-from tiny_models import TINY, assert_same, snapshot, tiny_gpt, tokens
+from lora_lab.errors import UnknownVariantError
+from lora_lab.storage.adapters import UnverifiedAdapterError, base_weights_digest, read_adapter_metadata
+from lora_lab.storage.files import CorruptFileError, OutputExistsError
+from lora_lab.variants import VARIANTS
 
 
 def adapted(base, config, seed):
@@ -60,7 +65,8 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(fresh(x)[0], expected)
     assert fresh.lora_config == model.lora_config
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
-        n for n, p in model.named_parameters() if p.requires_grad}
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
 
     # onto an already adapted model with the same targets: the tensors are replaced
     other = adapted(base, model.lora_config, seed=4)
@@ -79,12 +85,25 @@ def test_adapter_files_hold_only_lora_tensors(tmp_path):
     for n, layer in layers.items():
         assert torch.equal(tensors[f"{n}.lora_A"], layer.lora_A) and torch.equal(tensors[f"{n}.lora_B"], layer.lora_B)
     meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert meta["lora_config"] == {"r": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"], "dropout": 0.0,
-                                   "init": "gaussian", "trainable": [], "variant": "lora", "options": {}}
+    assert meta["lora_config"] == {
+        "r": 4,
+        "alpha": 8.0,
+        "targets": ["q_proj", "v_proj"],
+        "dropout": 0.0,
+        "init": "gaussian",
+        "trainable": [],
+        "variant": "lora",
+        "options": {},
+    }
     assert meta["variant"] == "lora"
-    assert meta["scaling"] == "alpha/r" and meta["base_fingerprint"] == TINY.fingerprint()
-    assert {m["name"]: (m["lora_A"], m["lora_B"]) for m in meta["modules"]} == {
-        n: ([4, 32], [32, 4]) for n in layers}
+    assert meta["scaling"] == "alpha/r" and meta["base_config"] == TINY.to_dict()
+    assert meta["base_class"] == "lora_lab.model.GPT" and meta["variant_class"] == "lora_lab.lora:LoRALinear"
+    plain = tiny_gpt()
+    assert meta["base_weights"] == {
+        n: {"shape": list(t.shape), "dtype": "float32"} for n, t in plain.state_dict().items()
+    }
+    assert meta["base_weights_sha256"] == base_weights_digest(plain)
+    assert {m["name"]: (m["lora_A"], m["lora_B"]) for m in meta["modules"]} == {n: ([4, 32], [32, 4]) for n in layers}
     payload = sum(4 * (32 + 32) for _ in layers) * 4  # Σ r(d + k) fp32 numbers, 4 bytes each
     size = (tmp_path / "ad" / "adapter_model.safetensors").stat().st_size
     assert payload <= size <= payload + 120 * len(tensors) + 200  # plus a small JSON header
@@ -157,7 +176,12 @@ def corrupt(path: Path, how: str):
 @pytest.mark.parametrize(
     "how, error, message",
     [
-        ("truncated", CorruptFileError, "adapter_model.safetensors does not match its checksum"),
+        # refused before it is read in full: the safetensors header promises more bytes than the file holds
+        (
+            "truncated",
+            CorruptFileError,
+            r"adapter_model.safetensors is not a readable .*header describes [\d,]+ bytes, the file holds",
+        ),
         ("truncated, no checksum", CorruptFileError, "adapter_model.safetensors is not a readable safetensors file"),
         ("flipped byte", CorruptFileError, "adapter_model.safetensors does not match its checksum"),
         ("bad json", CorruptFileError, "is not valid JSON"),
@@ -222,8 +246,11 @@ def test_load_onto_differently_adapted_or_merged_model_is_refused(tmp_path):
 
 def base_tensors(model):
     """data_ptr of every base weight, keyed by its name in the plain model."""
-    return {n.replace(".base.", "."): p.data_ptr() for n, p in model.named_parameters()
-            if not n.endswith(("lora_A", "lora_B"))}
+    return {
+        n.replace(".base.", "."): p.data_ptr()
+        for n, p in model.named_parameters()
+        if not n.endswith(("lora_A", "lora_B"))
+    }
 
 
 def test_bank_swaps_adapters_without_touching_the_base(tmp_path):
@@ -320,8 +347,11 @@ def test_an_adapter_trained_on_other_base_weights_is_refused_unless_allowed(tmp_
     save_adapter(trained, tmp_path / "ad")
     model = copy.deepcopy(base)
     before = snapshot(model)
-    with pytest.raises(AdapterMismatchError, match=r"trained on other base weights: same architecture, but the "
-                                                   r"weights differ .*allow_other_base=True"):
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"trained on other base weights: same architecture, but the "
+        r"weights differ .*allow_other_base=True",
+    ):
         load_adapter(model, tmp_path / "ad")
     assert_same(model, before)
     bank = AdapterBank(copy.deepcopy(base))
@@ -332,8 +362,9 @@ def test_an_adapter_trained_on_other_base_weights_is_refused_unless_allowed(tmp_
     assert bank.names == []
 
     load_adapter(model, tmp_path / "ad", allow_other_base=True)  # the explicit opt-in
-    assert lora_layers(model) and torch.equal(lora_layers(model)["blocks.0.attn.q_proj"].lora_B,
-                                              lora_layers(trained)["blocks.0.attn.q_proj"].lora_B)
+    assert lora_layers(model) and torch.equal(
+        lora_layers(model)["blocks.0.attn.q_proj"].lora_B, lora_layers(trained)["blocks.0.attn.q_proj"].lora_B
+    )
     bank.add("x", tmp_path / "ad", allow_other_base=True)
     bank.add("y", trained, allow_other_base=True)
     assert bank.names == ["x", "y"]
@@ -368,7 +399,9 @@ def test_a_lora_lab_0_1_adapter_still_loads():
     config = json.loads((FIXTURE_V01 / "adapter_config.json").read_text())
     assert "checksums" not in config and "base_weights_sha256" not in config  # the old layout
     base = tiny_gpt(replace(TINY, positions="learned"))  # 0.1's GPT had learned positions
-    model = load_adapter(copy.deepcopy(base), FIXTURE_V01)
+    with pytest.raises(UnverifiedAdapterError, match="records no 'checksums' .* and no 'base_weights_sha256'"):
+        load_adapter(copy.deepcopy(base), FIXTURE_V01)  # it looks like an adapter whose fields were deleted
+    model = load_adapter(copy.deepcopy(base), FIXTURE_V01, allow_unverified=True)  # the explicit opt-in
     stored = load_file(str(FIXTURE_V01 / "adapter_model.safetensors"))
     for n, layer in lora_layers(model).items():
         assert torch.equal(layer.lora_A, stored[f"{n}.lora_A"]) and torch.equal(layer.lora_B, stored[f"{n}.lora_B"])
@@ -376,12 +409,47 @@ def test_a_lora_lab_0_1_adapter_still_loads():
     assert not torch.equal(model(tokens())[0], base(tokens())[0])
 
 
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "adapter_v1"  # made by tests/fixtures/make_adapter_v1.py
+
+
+def fixture_v1_base():
+    """The base the adapter_v1 fixture belongs to, from its stored weights (so not from the RNG)."""
+    record = json.loads((FIXTURE_V1 / "base.json").read_text())
+    base = GPT(GPTConfig.from_dict(record["gpt_config"])).eval()
+    missing, unexpected = base.load_state_dict(load_file(str(FIXTURE_V1 / "base.safetensors")), strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # tied to tok_emb.weight
+    return base
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "lora_ln_f"])
+def test_an_adapter_saved_before_the_base_record_still_loads(name):
+    config = json.loads((FIXTURE_V1 / name / "adapter_config.json").read_text())
+    assert "base_fingerprint" in config and "base_weights" not in config  # the layout of commit b2e38de
+    expected = load_file(str(FIXTURE_V1 / "expected.safetensors"))
+    base = fixture_v1_base()
+    idx = expected["tokens"]
+    torch.testing.assert_close(base(idx)[0], expected["base_logits"], rtol=0, atol=1e-6)
+    model = load_adapter(copy.deepcopy(base), FIXTURE_V1 / name)
+    torch.testing.assert_close(model(idx)[0], expected[f"{name}_logits"], rtol=0, atol=1e-6)
+    bank = AdapterBank(copy.deepcopy(base))
+    bank.add(name, FIXTURE_V1 / name)
+    bank.activate(name)
+    torch.testing.assert_close(bank.model(idx)[0], expected[f"{name}_logits"], rtol=0, atol=1e-6)
+    with torch.no_grad():  # still bound to those weights: the recorded digest is today's algorithm
+        base.blocks[0].mlp.up_proj.weight[0, 0] += 1e-3
+    with pytest.raises(AdapterMismatchError, match="trained on other base weights"):
+        load_adapter(base, FIXTURE_V1 / name)
+
+
 def test_a_diverged_adapter_is_not_saved(tmp_path):
     model = adapted(tiny_gpt(), LoRAConfig(r=2, targets=("q_proj", "v_proj")), seed=3)
     with torch.no_grad():
         lora_layers(model)["blocks.1.attn.v_proj"].lora_B[0, 0] = float("nan")
-    with pytest.raises(LoRAError, match=r"tensors \['blocks.1.attn.v_proj.lora_B'\] contain NaN or Inf .*"
-                                        "Nothing was written"):
+    with pytest.raises(
+        LoRAError,
+        match=r"tensors \['blocks.1.attn.v_proj.lora_B'\] contain NaN or Inf .*"
+        "Nothing was written",
+    ):
         save_adapter(model, tmp_path / "ad")
     assert list(tmp_path.iterdir()) == []
 
@@ -416,8 +484,11 @@ def test_a_huge_alpha_is_refused_at_load(tmp_path):
     config["lora_config"]["alpha"] = 1e30
     config_path.write_text(json.dumps(config))
     for onto in ("plain", "adapted"):
-        model = copy.deepcopy(base) if onto == "plain" else adapted(base, LoRAConfig(r=2, targets=("q_proj", "v_proj")),
-                                                                     seed=5)
+        model = (
+            copy.deepcopy(base)
+            if onto == "plain"
+            else adapted(base, LoRAConfig(r=2, targets=("q_proj", "v_proj")), seed=5)
+        )
         before = snapshot(model)
         with pytest.raises(LoRAError, match=r"makes the model's outputs NaN or Inf \(alpha=1e\+30"):
             load_adapter(model, tmp_path / "ad")
@@ -426,3 +497,103 @@ def test_a_huge_alpha_is_refused_at_load(tmp_path):
     with pytest.raises(LoRAError, match="NaN or Inf"):
         bank.add("huge", tmp_path / "ad")
     assert bank.names == []
+
+
+class ScaledTwiceLoRA(LoRALinear):
+    """A user's variant (module-level, so its import path is recorded): LoRA at twice the scale.
+
+    Trainable parameters per layer: r*(d+k)
+    """
+
+    variant = "scaled_twice_test"
+
+    @property
+    def scale(self) -> float:
+        return 2 * self.alpha / self.r
+
+
+def test_an_unregistered_variant_is_named_with_where_to_import_it(tmp_path):
+    register_variant(ScaledTwiceLoRA)
+    try:
+        save_adapter(adapted(tiny_gpt(), LoRAConfig(r=2, variant="scaled_twice_test"), seed=3), tmp_path / "ad")
+    finally:
+        del VARIANTS["scaled_twice_test"]  # as in a fresh process that has not imported this module
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["variant_class"] == f"{__name__}:ScaledTwiceLoRA"
+    model = tiny_gpt()
+    with pytest.raises(
+        UnknownVariantError, match=rf"variant 'scaled_twice_test', which is not registered .*import {__name__}"
+    ):
+        load_adapter(model, tmp_path / "ad")
+    with pytest.raises(UnknownVariantError, match="not registered"):
+        AdapterBank(model).add("x", tmp_path / "ad")
+    assert not lora_layers(model)
+
+
+def test_a_swap_builds_no_layers_and_draws_no_random_numbers():
+    base = tiny_gpt()
+    x = tokens()
+    a = adapted(base, LoRAConfig(r=2, targets=("q_proj", "v_proj")), seed=3)
+    b = adapted(base, LoRAConfig(r=2, targets=("q_proj", "v_proj"), variant="pissa"), seed=4)
+    bank = AdapterBank(copy.deepcopy(base).eval())
+    bank.add("a", a)
+    bank.add("b", b)
+    bank.activate("a")
+    first = lora_layers(bank.model)
+    rng = torch.get_rng_state()
+    built = []
+    original = LoRALinear.__init__
+    LoRALinear.__init__ = lambda self, *args, **kw: built.append(1) or original(self, *args, **kw)
+    try:
+        for name in ["b", "a", "b", "a"]:
+            bank.activate(name)
+    finally:
+        LoRALinear.__init__ = original
+    assert built == [] and torch.equal(torch.get_rng_state(), rng)
+    assert all(lora_layers(bank.model)[n] is layer for n, layer in first.items())  # the same layers again
+    assert not any(layer.training for layer in first.values())  # the mode of the eval model they join
+    assert torch.equal(bank.model(x)[0], a(x)[0])
+
+    bank.model.double()  # the base changed dtype: the layers are built again, once, in float64
+    bank.activate("b")
+    torch.testing.assert_close(bank.model(x)[0], b.double()(x)[0], rtol=1e-6, atol=1e-6)
+    assert lora_layers(bank.model)["blocks.0.attn.q_proj"].lora_A.dtype == torch.float64
+
+
+def test_a_copy_of_the_base_in_another_dtype(tmp_path):
+    base = tiny_gpt()
+    save_adapter(adapted(base, LoRAConfig(r=2), seed=3), tmp_path / "fp32")
+    with pytest.raises(
+        AdapterMismatchError,
+        match="base weights of another dtype: .* is float32 in the adapter's base and bfloat16 here",
+    ):
+        load_adapter(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "fp32")
+    load_adapter(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "fp32", allow_other_base=True)
+    # trained on a bf16 copy: the float32 original rounds to that copy, so it is the same base
+    save_adapter(adapted(copy.deepcopy(base).to(torch.bfloat16), LoRAConfig(r=2), seed=3), tmp_path / "bf16")
+    assert lora_layers(load_adapter(copy.deepcopy(base), tmp_path / "bf16"))
+    other = tiny_gpt(seed=1)
+    with pytest.raises(
+        AdapterMismatchError, match=r"other base weights: .* differ \(also when rounded to the adapter's bfloat16\)"
+    ):
+        load_adapter(other, tmp_path / "bf16")
+
+
+@pytest.mark.parametrize("deleted", ["checksums", "base_weights_sha256"])
+def test_integrity_cannot_be_switched_off_by_deleting_a_field(deleted, tmp_path):
+    base = tiny_gpt()
+    save_adapter(adapted(base, LoRAConfig(r=2), seed=3), tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config[deleted]
+    path.write_text(json.dumps(config))
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(UnverifiedAdapterError, match=rf"is unverified: its adapter_config.json records no '{deleted}'"):
+        load_adapter(model, tmp_path / "ad")
+    assert_same(model, before)
+    with pytest.raises(UnverifiedAdapterError, match="unverified"):
+        AdapterBank(model).add("x", tmp_path / "ad")
+    if deleted == "base_weights_sha256":  # allow_other_base skips the digest check anyway: nothing else is lost
+        assert lora_layers(load_adapter(copy.deepcopy(base), tmp_path / "ad", allow_other_base=True))
+    assert lora_layers(load_adapter(model, tmp_path / "ad", allow_unverified=True))

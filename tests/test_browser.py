@@ -13,6 +13,7 @@ rank slider's handle and compares the text on the page with numbers lora_lab com
 Needs Chromium (Debian's `chromium`) and Playwright for Python; without them the tests skip, saying how to
 install them, unless LORA_LAB_REQUIRE_BROWSER=1 (set by .ci/run), which makes that a failure.
 """
+
 import json
 import math
 import os
@@ -25,14 +26,23 @@ import nbformat
 import psutil
 import pytest
 import torch
-
 from e2e import toy_rank_setup as toy
 from e2e.lab_session import (
-    BrowserToolsMissing, check_browser_tools, chromium_page, code_cell, notebook_without_outputs, open_notebook,
-    picture_source, run_all_cells, start_jupyterlab, wait_for_new_picture,
+    BrowserToolsMissing,
+    check_browser_tools,
+    chromium_page,
+    code_cell,
+    notebook_without_outputs,
+    open_notebook,
+    picture_source,
+    run_all_cells,
+    start_jupyterlab,
+    wait_for_new_picture,
 )
-from lora_lab import LoRAConfig, widgets
+
+from lora_lab import LoRAConfig
 from lora_lab import finetune as ft
+from lora_lab.course import numerics, widgets
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SECOND = 1000  # Playwright counts milliseconds
@@ -127,11 +137,11 @@ def test_low_rank_explorer_slider_in_jupyterlab(lab, page, tmp_path):
     shown = numbers.text_content()
 
     # What lora_lab computes for rank 21 of the same picture, from the singular values and from the factors.
-    matrix = widgets.synthetic_image(96).double()
+    matrix = numerics.synthetic_image(96).double()
     d, k = matrix.shape
     singular_values = torch.linalg.svdvals(matrix)
-    error = float(torch.linalg.matrix_norm(matrix - widgets.low_rank_approximation(matrix, 21)))
-    predicted = widgets.eckart_young_error(singular_values, 21)
+    error = float(torch.linalg.matrix_norm(matrix - numerics.low_rank_approximation(matrix, 21)))
+    predicted = numerics.eckart_young_error(singular_values, 21)
     assert math.isclose(error, predicted, rel_tol=1e-9)
     for expected in (
         f"rank 21: error {error:.4f}",
@@ -152,7 +162,7 @@ def rank_explorer_notebook() -> nbformat.NotebookNode:
     setup = """\
 import torch
 
-from lora_lab import widgets
+from lora_lab.course import widgets
 import toy_rank_setup as toy
 
 torch.set_num_threads(1)  # the test recomputes these numbers in one thread: the same arithmetic
@@ -183,34 +193,38 @@ def test_rank_explorer_slider_in_jupyterlab(lab, page, tmp_path):
     numbers = dashboard_box.locator(".widget-html-content")
     handle = dashboard_box.locator(".widget-hslider .noUi-handle")
     base, task, tokenizer, train_config = toy.toy_setup()
-    targets = tuple(t for group in toy.GROUPS for t in widgets.TARGET_GROUPS[group])
+    targets = tuple(t for group in toy.GROUPS for t in numerics.TARGET_GROUPS[group])
     cfg = base.config
     label = "r={} " + "+".join(toy.GROUPS) + ":"  # how the dashboard names a setting, e.g. "r=2 Wq+Wv:"
 
-    start_params = widgets.transformer_lora_params(cfg.n_layer, cfg.n_embd, toy.START_RANK, targets)
-    page.wait_for_function("([el, label]) => el.textContent.startsWith(label)",
-                           arg=[numbers.element_handle(), label.format(toy.START_RANK)])
+    start_params = numerics.transformer_lora_params(cfg.n_layer, cfg.n_embd, toy.START_RANK, targets)
+    page.wait_for_function(
+        "([el, label]) => el.textContent.startsWith(label)",
+        arg=[numbers.element_handle(), label.format(toy.START_RANK)],
+    )
     assert f"{start_params:,} trainable parameters" in numbers.text_content()
     drawn_before = picture_source(dashboard_box)
 
     handle.focus()
     handle.press("ArrowRight")  # the next rank: 2 -> 4
     new_rank = toy.RANKS[toy.RANKS.index(toy.START_RANK) + 1]
-    page.wait_for_function("([el, label]) => el.textContent.startsWith(label)",
-                           arg=[numbers.element_handle(), label.format(new_rank)])
+    page.wait_for_function(
+        "([el, label]) => el.textContent.startsWith(label)", arg=[numbers.element_handle(), label.format(new_rank)]
+    )
     wait_for_new_picture(page, dashboard_box, drawn_before)  # the current choice is ringed anew
     page.screenshot(path=str(tmp_path / "rank_explorer.png"), full_page=True)
     shown = numbers.text_content()
 
     # The library's own fine-tune of the same setting: its parameter count and its losses.
-    result = ft.finetune(base, task, tokenizer, LoRAConfig(r=new_rank, alpha=toy.ALPHA, targets=targets),
-                         train_config, progress=False)
-    trainable = widgets.transformer_lora_params(cfg.n_layer, cfg.n_embd, new_rank, targets)
+    result = ft.finetune(
+        base, task, tokenizer, LoRAConfig(r=new_rank, alpha=toy.ALPHA, targets=targets), train_config, progress=False
+    )
+    trainable = numerics.transformer_lora_params(cfg.n_layer, cfg.n_embd, new_rank, targets)
     assert result.trainable_params == trainable
     for expected in (
         f"{trainable:,} trainable parameters",
         f"({trainable / base.num_parameters():.2%} of the base)",
-        f"adapter {widgets.format_bytes(trainable * widgets.FP32_BYTES)}",
+        f"adapter {numerics.format_bytes(trainable * numerics.FP32_BYTES)}",
         f"target loss {result.losses['target']:.3f}",
         f"source loss {result.losses['source']:.3f}",
         "(cached)",  # precomputed: the move did not fine-tune again

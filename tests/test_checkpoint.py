@@ -4,9 +4,18 @@ import os
 import pytest
 import torch
 
-from lora_lab import (GPT, CheckpointMismatchError, GPTConfig, LoRAConfig, LoRAError, apply_lora, load_checkpoint,
-                      merge_and_unload, save_checkpoint)
-from lora_lab.files import CorruptFileError, OutputExistsError
+from lora_lab import (
+    GPT,
+    CheckpointMismatchError,
+    GPTConfig,
+    LoRAConfig,
+    LoRAError,
+    apply_lora,
+    load_checkpoint,
+    merge_and_unload,
+    save_checkpoint,
+)
+from lora_lab.storage.files import CorruptFileError, OutputExistsError
 
 
 def _snapshot(folder):
@@ -41,7 +50,7 @@ def test_overwrite_replaces_the_whole_bundle(tiny_config, tmp_path):
 def test_a_failed_write_leaves_the_old_checkpoint(tiny_config, tmp_path, monkeypatch):
     save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
     before = _snapshot(tmp_path / "ckpt")
-    import lora_lab.files as files
+    import lora_lab.storage.files as files
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
@@ -133,3 +142,12 @@ def test_a_checkpoint_never_replaces_the_users_files_or_an_adapter(tiny_config, 
     with pytest.raises(OutputExistsError, match="it is a file"):
         save_checkpoint(GPT(tiny_config), tmp_path / "file")
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_config_claiming_a_huge_model_is_refused_before_any_allocation(tiny_config, tmp_path):
+    save_checkpoint(GPT(tiny_config), tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["gpt_config"].update(n_embd=65536, n_layer=64, n_head=64)  # about 3.3e12 weights: would never fit
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match="do not fit GPT"):
+        load_checkpoint(tmp_path / "ckpt")

@@ -3,18 +3,18 @@
 A quick base (the tiny preset pretrained for 20 steps, --pretrain-iters) is cached once per module;
 fine-tunes take 10 steps. Data: $LORA_LAB_DATA, else a synthetic corpus passed as --data.
 """
+
 import argparse
 import json
 import os
 
 import pytest
 import torch
-
-from lora_lab import load_checkpoint
-from lora_lab.cli import build_parser, main
-from lora_lab import load_adapter, lora_layers
-from lora_lab.adapters import read_adapter_metadata
 from test_tasks import write_synthetic_corpus
+
+from lora_lab import load_adapter, load_checkpoint, lora_layers
+from lora_lab.cli import build_parser, main
+from lora_lab.storage.adapters import read_adapter_metadata
 
 FAST = ["--steps", "10", "--eval-chars", "300"]
 
@@ -74,6 +74,16 @@ def test_help_explains_every_option_of_every_subcommand(capsys):
         (["tour", "--rank", "200"], "LoRA rank r=200 exceeds min(d, k)"),
         (["sweep", "--targets", "qproj"], "LoRA target 'qproj' matches no module"),
         (["sweep", "--ranks", "2,200"], "LoRA rank r=200 exceeds min(d, k)"),
+        (["finetune", "--seed", str(2**70)], "argument --seed: must be an integer from 0 to 2**63 - 1"),
+        (["sample", "--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1"),
+        (["finetune", "--variant", "vera", "--vera-seed", str(2**62)], "vera_seed"),
+        (["finetune", "--variant", "nosuch"], "Unknown LoRA variant 'nosuch'"),
+        (["finetune", "--variant", "no_such_module_xyz:Thing"], "cannot import module 'no_such_module_xyz'"),
+        (["finetune", "--variant", "dora", "--vera-seed", "3"], "vera_seed"),
+        (["finetune", "--full", "--variant", "dora", "--rank", "4"], "--rank, --variant: LoRA option(s); --full"),
+        (["finetune", "--full", "--lora-plus"], "--lora-plus: LoRA option(s); --full trains every weight"),
+        (["sample", "--allow-other-base"], "--allow-other-base does not apply without --adapter"),
+        (["sample", "--variant", "dora"], "--variant does not apply without --adapter"),
         (["train"], "argument COMMAND: invalid choice: 'train'"),
         ([], "the following arguments are required: COMMAND"),
     ],
@@ -117,8 +127,20 @@ def test_bad_input_found_after_loading_is_one_line_and_changes_nothing(capsys, b
 
 def test_finetune_merge_sample_end_to_end(capsys, base_args, tmp_path):
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
-    code, out, _ = run(capsys, "finetune", *base_args, *FAST, "--task", "romeo_juliet", "--rank", "2",
-                       "--targets", "q_proj,v_proj", "--out", adapter)
+    code, out, _ = run(
+        capsys,
+        "finetune",
+        *base_args,
+        *FAST,
+        "--task",
+        "romeo_juliet",
+        "--rank",
+        "2",
+        "--targets",
+        "q_proj,v_proj",
+        "--out",
+        adapter,
+    )
     assert code == 0, out
     assert "| base " in out and "| LoRA r=2 " in out and f"saved the adapter to {adapter}" in out
     assert {p.name for p in adapter.iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
@@ -153,8 +175,9 @@ def test_finetune_merge_sample_end_to_end(capsys, base_args, tmp_path):
 
 def test_sweep_writes_table_and_plot(capsys, base_args, tmp_path):
     out_dir = tmp_path / "sweep"
-    code, out, _ = run(capsys, "sweep", *base_args, *FAST, "--ranks", "1,2", "--targets", "q_proj",
-                       "--task", "shout", "--out", out_dir)
+    code, out, _ = run(
+        capsys, "sweep", *base_args, *FAST, "--ranks", "1,2", "--targets", "q_proj", "--task", "shout", "--out", out_dir
+    )
     assert code == 0 and "Rank sweep on shout" in out
     assert sorted(p.name for p in out_dir.iterdir()) == [".lora_lab_output.json", "sweep.csv", "sweep.png"]
     assert len((out_dir / "sweep.csv").read_text().splitlines()) == 3
@@ -166,8 +189,12 @@ def test_compare_runs_the_protocol_and_a_second_call_is_cached(capsys, base_args
     assert code == 0, out
     assert "Task rot13: 3 steps, seeds [0, 1, 2]" in out and "| base " in out and "| LoRA r=2 " in out
     assert "| full FT " in out and "target loss: LoRA r=2 vs full FT: " in out and "noise)" in out
-    assert sorted(p.name for p in out_dir.iterdir()) == [".lora_lab_output.json", "comparison.json",
-                                                         "comparison.md", "curves.png"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        ".lora_lab_output.json",
+        "comparison.json",
+        "comparison.md",
+        "curves.png",
+    ]
     record = json.loads((out_dir / "comparison.json").read_text())
     assert [m["label"] for m in record["methods"]] == ["LoRA r=2", "full FT"]
     assert all(len(m["runs"]) == 3 for m in record["methods"])
@@ -210,12 +237,20 @@ def tree(path):
     return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
 
 
-@pytest.mark.parametrize("command", [
-    ["finetune"], ["finetune", "--full"], ["sweep", "--ranks", "1"], ["tour"], ["merge", "--adapter", "{adapter}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["finetune"],
+        ["finetune", "--full"],
+        ["sweep", "--ranks", "1"],
+        ["tour"],
+        ["merge", "--adapter", "{adapter}"],
+    ],
+)
 @pytest.mark.parametrize("where", [".", "~", "~/notes", "notes/todo.txt"])
-def test_out_that_the_writer_would_refuse_fails_first_and_touches_nothing(capsys, tmp_path, monkeypatch, command,
-                                                                          where):
+def test_out_that_the_writer_would_refuse_fails_first_and_touches_nothing(
+    capsys, tmp_path, monkeypatch, command, where
+):
     home, work = tmp_path / "home", tmp_path / "work"
     for folder in (home / "notes", work / "notes"):
         folder.mkdir(parents=True)
@@ -280,17 +315,42 @@ def test_adapter_of_another_base_is_refused_unless_allowed(capsys, base_args, tm
     assert code == 2 and out == "" and "trained on other base weights" in err and "--allow-other-base" in err
     code, out, err = run(capsys, "sample", *other_base, "--adapter", adapter, "-n", "20", "--allow-other-base")
     assert code == 0 and len(out) == 1 + 20 + 1
-    code, out, _ = run(capsys, "merge", *other_base, "--adapter", adapter, "--out", tmp_path / "m",
-                       "--allow-other-base")
+    code, out, _ = run(
+        capsys, "merge", *other_base, "--adapter", adapter, "--out", tmp_path / "m", "--allow-other-base"
+    )
     assert code == 0 and (tmp_path / "m" / "config.json").is_file()
+
+
+def test_an_unverified_adapter_is_refused_unless_the_user_opts_in(capsys, base_args, tmp_path):
+    adapter = tmp_path / "adapter"
+    _adapter_from_python(capsys, base_args, adapter)
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    del config["checksums"]  # as an edited (or lora_lab 0.1) adapter would be
+    config_file.write_text(json.dumps(config))
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    code, out, err = run(capsys, "sample", *base_args, "--adapter", adapter, "-n", "10")
+    assert code == 2 and out == "" and "checksums" in err and "Traceback" not in err
+    code, out, err = run(capsys, "sample", *base_args, "--adapter", adapter, "-n", "10", "--allow-unverified")
+    assert code == 0 and len(out) == 1 + 10 + 1, err
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before  # reading never rewrites the adapter
 
 
 def test_an_old_adapter_with_the_side_file_still_finds_its_base(capsys, base_args, tmp_path):
     adapter = tmp_path / "old"
     base_path, vocab = _adapter_from_python(capsys, base_args, adapter)
-    (adapter / "lora_lab_base.json").write_text(json.dumps({
-        "format": "lora_lab.cli.base.v1", "preset": "tiny", "pretrain_iters": 20,
-        "base_checkpoint": base_path, "vocab": vocab, "task": "shout"}))
+    (adapter / "lora_lab_base.json").write_text(
+        json.dumps(
+            {
+                "format": "lora_lab.cli.base.v1",
+                "preset": "tiny",
+                "pretrain_iters": 20,
+                "base_checkpoint": base_path,
+                "vocab": vocab,
+                "task": "shout",
+            }
+        )
+    )
     other_base = [a if a != "20" else "21" for a in base_args]
     code, out, err = run(capsys, "sample", *other_base, "--adapter", adapter, "-n", "10")
     assert code == 0, err  # the side file points at the right base, not at the 21-step one of the arguments
@@ -304,8 +364,12 @@ def test_sampling_a_dropout_model_is_fixed_by_the_seed(capsys, base_args, tmp_pa
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=len(vocab), block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.5))
     save_checkpoint(model, tmp_path / "ckpt", metadata={"vocab": vocab})
-    outs = {run(capsys, "sample", *base_args, "--checkpoint", tmp_path / "ckpt", "--prompt", "ab", "--seed", "4",
-                "-n", "50")[1] for _ in range(3)}
+    outs = {
+        run(
+            capsys, "sample", *base_args, "--checkpoint", tmp_path / "ckpt", "--prompt", "ab", "--seed", "4", "-n", "50"
+        )[1]
+        for _ in range(3)
+    }
     assert len(outs) == 1 and len(outs.pop()) == 2 + 50 + 1
 
 
@@ -326,3 +390,104 @@ def test_a_corrupt_cache_entry_says_how_to_recover(capsys, base_args, tmp_path):
     assert code == 0 and "trained and cached" in out
     code, out, _ = run(capsys, "sample", *args, "-n", "5")
     assert code == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Every option is used or refused; paths and ranges are checked before any work
+
+
+def test_sweep_trains_the_variant_it_is_asked_for(capsys, base_args, tmp_path):
+    tables = {}
+    for variant in ("lora", "vera"):
+        out_dir = tmp_path / variant
+        code, out, err = run(
+            capsys, "sweep", *base_args, *FAST, "--ranks", "2", "--targets", "q_proj", "--variant", variant,
+            "--out", out_dir,
+        )  # fmt: skip
+        assert code == 0, err
+        tables[variant] = (out_dir / "sweep.csv").read_text().splitlines()[1].split(",")
+    columns = ["rank", "alpha", "targets", "trainable_params"]
+    lora, vera = ({c: row[i] for i, c in enumerate(columns)} for row in tables.values())
+    assert int(vera["trainable_params"]) < int(lora["trainable_params"])  # VeRA trains only its two vectors
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["finetune", "--out", "{tmp}/notes.txt/adapter"], "notes.txt is a file"),
+        (["tour", "--out", "{tmp}/notes.txt/tour"], "notes.txt is a file"),
+        (["pretrain", "--cache", "{tmp}/notes.txt"], "--cache: {tmp}/notes.txt cannot be a folder"),
+        (["finetune", "--cache", "{tmp}/notes.txt/cache"], "--cache: {tmp}/notes.txt/cache cannot be a folder"),
+    ],
+)
+def test_paths_that_cannot_be_written_fail_first_and_change_nothing(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--cache" not in argv:
+        argv += ["--cache", str(tmp_path / "cache")]
+    code, out, err = run(capsys, *argv, "--data", tmp_path / "no-data")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert message.format(tmp=tmp_path) in err
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+    )
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a user whom file permissions bind")
+def test_a_folder_that_cannot_be_written_is_named_before_any_work(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, out, err = run(capsys, "finetune", "--out", locked / "adapter", "--cache", tmp_path / "c")
+    finally:
+        locked.chmod(0o700)
+    assert code == 2 and f"--out: cannot write under {locked}" in err and err.count("\n") == 1
+    assert list(locked.iterdir()) == [] and not (tmp_path / "c").exists()
+
+
+USER_VARIANT = '''
+from lora_lab import LoRALinear
+
+
+class HalfLoRA(LoRALinear):
+    """LoRA whose update is scaled by a factor of its own. Trainable parameters per layer: r*(d+k)"""
+
+    variant = "half_lora"
+    options = {"factor": 0.5}
+
+    @property
+    def scale(self):
+        return self.options["factor"] * self.alpha / self.r
+'''
+
+
+def test_a_users_variant_trains_saves_and_loads_through_the_cli(base_args, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "my_variants.py").write_text(USER_VARIANT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def cli(*argv):
+        done = subprocess.run(
+            [sys.executable, "-m", "lora_lab.cli", *map(str, argv)], env=env, capture_output=True, text=True
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    adapter = tmp_path / "adapter"
+    spec = "my_variants:HalfLoRA"
+    code, out, err = cli(
+        "finetune", *base_args, *FAST, "--variant", spec, "--factor", "0.25", "-r", "2", "--out", adapter
+    )
+    assert code == 0, err
+    assert "| half_lora r=2 " in out  # the one label rule names the variant
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert json.dumps(saved).count("half_lora") >= 1 and "0.25" in json.dumps(saved)
+    code, out, err = cli("sample", *base_args, "--adapter", adapter, "--variant", spec, "-n", "12")
+    assert code == 0 and len(out) == 1 + 12 + 1, err
+    code, out, err = cli("sample", *base_args, "--adapter", adapter, "-n", "12")  # not imported: named, exit 2
+    assert code == 2 and "half_lora" in err and err.count("\n") == 1 and "Traceback" not in err
+    code, _, err = cli("finetune", *base_args, *FAST, "--variant", spec, "--factor", "x", "--out", tmp_path / "b")
+    assert code == 2 and "--factor" in err and not (tmp_path / "b").exists()

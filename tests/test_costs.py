@@ -1,10 +1,12 @@
-"""lora_lab.costs counts a training step's matrix FLOPs and operators exactly, and leaves the model as it was."""
+"""lora_lab.experiments.costs counts a training step's matrix FLOPs and operators exactly, and leaves the model
+as it was."""
+
 import copy
 
 import torch
 
 from lora_lab import GPT, LoRAConfig, apply_lora, set_fast_path
-from lora_lab.costs import OperatorCount, step_cost
+from lora_lab.experiments.costs import OperatorCount, step_cost
 
 
 def batch(config, rows):

@@ -106,8 +106,11 @@ def _no_network(monkeypatch, calls):
     import datasets.config
     import huggingface_hub.constants
 
-    for module, name in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
-                         (huggingface_hub.constants, "HF_HUB_OFFLINE")):
+    for module, name in (
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+    ):
         monkeypatch.setattr(module, name, False, raising=False)
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)

@@ -3,6 +3,7 @@ batch B/2, against 1 process with batch B drawn as those two ranks draw it (trai
 
 Tolerance: the two runs add the same numbers in another order (DDP averages two half-batch gradients, one
 process averages the whole batch), so losses agree to 1e-5 relative and final weights to 1e-5 absolute."""
+
 import json
 import os
 import socket
@@ -10,13 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import distributed_worker as worker
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import distributed_worker as worker
 from lora_lab import TrainConfig, train
-from lora_lab.distributed import data_parallel, effective_batch_note, is_main_process, launched_by_torchrun, DataParallel
+from lora_lab.distributed import (
+    DataParallel,
+    data_parallel,
+    effective_batch_note,
+    is_main_process,
+    launched_by_torchrun,
+)
 from lora_lab.train import BatchSampler
 
 RANKS = 2
@@ -31,12 +38,25 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def torchrun_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(worker.__file__).parent),
-                                                                env.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", worker.__file__, str(out)]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(worker.__file__).parent), env.get("PYTHONPATH", "")])
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={RANKS}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        worker.__file__,
+        str(out),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
@@ -128,7 +148,7 @@ def test_emulate_ranks_must_divide_the_batch(ranks):
 
 def test_gradient_traffic_spawns_ranks_and_counts_each_methods_bytes():
     from lora_lab import GPTConfig, LoRAConfig
-    from lora_lab.scaling import gradient_traffic, lora_matrix_fraction
+    from lora_lab.experiments.scaling import gradient_traffic, lora_matrix_fraction
 
     config = GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=16)
     rows = gradient_traffic(config, [None, LoRAConfig(r=2, alpha=4, targets=("q_proj", "v_proj"))], steps=1)
@@ -140,14 +160,36 @@ def test_gradient_traffic_spawns_ranks_and_counts_each_methods_bytes():
 def test_cli_finetune_runs_data_parallel_under_torchrun(tmp_path, real_data_source):
     # The protocol's curve runs through train(), so `lora-lab finetune` is data-parallel too: one table and one
     # "saved" line (rank 0), the effective batch stated, and one adapter whose base record names the run.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", LORA_LAB_CACHE=str(tmp_path / "cache"), LORA_LAB_DATA=real_data_source)
     out = tmp_path / "adapter"
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "lora_lab.cli", "finetune",
-               "--pretrain-iters", "20", "--steps", "6", "--batch-size", "4", "--eval-chars", "200", "--quiet",
-               "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={RANKS}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "lora_lab.cli",
+        "finetune",
+        "--pretrain-iters",
+        "20",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--eval-chars",
+        "200",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("saved the adapter") == 1

@@ -1,4 +1,5 @@
 """environment.yml must be a working conda environment for the same dependencies as pyproject.toml."""
+
 import re
 from pathlib import Path
 

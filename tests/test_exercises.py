@@ -1,12 +1,14 @@
 """The exercise checkers: a right answer passes, each typical wrong answer fails with a message saying why,
 and an exception in the learner's code becomes a failed check rather than a crash."""
+
 import math
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
-from lora_lab import LoRALinear, exercises, merge_lora, unmerge_lora, widgets
+from lora_lab import LoRALinear, merge_and_unload, merge_lora, unmerge_lora
+from lora_lab.course import exercises, numerics
 from lora_lab.model import count_parameters_formula
 
 
@@ -62,7 +64,7 @@ def test_check_rank_for_energy():
 
 
 def test_check_gpt_lora_params():
-    assert exercises.check_gpt_lora_params(widgets.transformer_lora_params).ok
+    assert exercises.check_gpt_lora_params(numerics.transformer_lora_params).ok
     square_only = lambda L, d, r, targets: L * len(targets) * r * 2 * d  # noqa: E731
     assert "4*d_model" in failures(exercises.check_gpt_lora_params(square_only))
 
@@ -87,7 +89,11 @@ class _LoRA(nn.Module):
     def __init__(self, base, r, alpha, scale_by_r=True, zero_b=True, freeze=True, zero_a=False):
         super().__init__()
         self.base = base.requires_grad_(not freeze)
-        a = torch.zeros(r, base.in_features) if zero_a else torch.randn(r, base.in_features) / math.sqrt(base.in_features)
+        a = (
+            torch.zeros(r, base.in_features)
+            if zero_a
+            else torch.randn(r, base.in_features) / math.sqrt(base.in_features)
+        )
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r) if zero_b else torch.randn(base.out_features, r))
         self.scale = alpha / r if scale_by_r else alpha
@@ -105,6 +111,24 @@ def test_check_lora_layer():
     saddle = exercises.check_lora_layer(lambda b, r, a: _LoRA(b, r, a, zero_a=True))
     assert not saddle.ok and "saddle point" in failures(saddle) and "A should start random" in failures(saddle)
     assert "computes exactly the base layer" in str(saddle)  # what is right is still reported right
+
+
+class _SwappedLoRA(_LoRA):
+    """A = 0 and B random: B A = 0, so the output is the base's, exactly as with the paper's init."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        with torch.no_grad():
+            self.lora_B.copy_(torch.randn_like(self.lora_B))
+            self.lora_A.zero_()
+
+
+def test_check_lora_layer_catches_the_swapped_init():
+    report = exercises.check_lora_layer(_SwappedLoRA)
+    assert not report.ok and not report.unanswered
+    assert "swapped" in failures(report) and "LoRA starts A random and B at zero" in failures(report)
+    assert "saddle point" not in failures(report)
+    assert "computes exactly the base layer" in str(report)  # the output alone could not tell
 
 
 def test_check_lora_layer_leaves_the_global_rng_alone():
@@ -136,7 +160,7 @@ def test_check_training_bytes():
 
 
 def test_check_adapter_payload():
-    right = lambda c, lora: 4 * widgets.transformer_lora_params(c.n_layer, c.n_embd, lora.r, lora.targets)  # noqa: E731
+    right = lambda c, lora: 4 * numerics.transformer_lora_params(c.n_layer, c.n_embd, lora.r, lora.targets)  # noqa: E731
     assert exercises.check_adapter_payload(right).ok
     half = lambda c, lora: right(c, lora) // 2  # noqa: E731
     assert "saved file holds" in failures(exercises.check_adapter_payload(half))
@@ -157,7 +181,7 @@ def test_check_best_setting():
 
 
 def test_a_value_instead_of_a_function_is_explained():
-    from lora_lab import exercises
+    from lora_lab.course import exercises
 
     report = exercises.check_break_even_rank(42)
     assert not report.ok
@@ -184,7 +208,7 @@ def test_a_stub_is_reported_as_unanswered_not_as_failures():
 def _smallest_rank_below(W, limit):
     norm = torch.linalg.matrix_norm(W)
     for r in range(min(W.shape) + 1):
-        if torch.linalg.matrix_norm(W - widgets.low_rank_approximation(W, r)) / norm < limit:
+        if torch.linalg.matrix_norm(W - numerics.low_rank_approximation(W, r)) / norm < limit:
             return r
 
 
@@ -289,7 +313,9 @@ def test_check_gradient_bytes():
 
     report = exercises.check_gradient_bytes(every_weight)
     assert not report.ok and "frozen weights get no .grad" in failures(report)
-    no_backward = exercises.check_gradient_bytes(lambda model, x, y: sum(4 * p.numel() for p in model.parameters() if p.requires_grad))
+    no_backward = exercises.check_gradient_bytes(
+        lambda model, x, y: sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
+    )
     assert not no_backward.ok  # the number is right, but nothing was measured: no .grad exists
 
 
@@ -317,6 +343,26 @@ def test_check_merge_difference():
     assert not never_merged.ok
 
 
+def test_check_merge_difference_reports_a_model_unloaded_in_place():
+    def unloads(model, x):  # the right number, but merge_and_unload swaps the LoRA layers for plain Linears
+        with torch.no_grad():
+            before = model(x)[0]
+            return (merge_and_unload(model)(x)[0] - before).abs().max().item()
+
+    report = exercises.check_merge_difference(unloads)  # reported, never raised
+    assert not report.ok and "lost its LoRA layers" in failures(report)
+    assert "measured max |merged - unmerged|" in str(report)  # the number itself was right
+
+
+def test_check_merged_weight_reports_a_layer_given_new_tensors():
+    def adds_a_buffer(layer):
+        layer.register_buffer("merged_copy", (layer.base.weight + layer.delta_weight()).detach())
+        return layer.merged_copy
+
+    report = exercises.check_merged_weight(adds_a_buffer)
+    assert not report.ok and "changed the layer" in failures(report)
+
+
 def test_check_update_norm():
     def right(layer):
         return torch.linalg.matrix_norm(layer.scale * layer.lora_B @ layer.lora_A).item()
@@ -339,7 +385,8 @@ def test_check_dora_weight():
     unscaled = exercises.check_dora_weight(lambda W0, A, B, m, s: _dora_weight(W0, A, B, m, 1.0))
     assert not unscaled.ok and "scaled by `scale`" in failures(unscaled)
     by_column = exercises.check_dora_weight(
-        lambda W0, A, B, m, s: (W0 + s * B @ A) * (m / (W0 + s * B @ A).norm(dim=0))[None, :])
+        lambda W0, A, B, m, s: (W0 + s * B @ A) * (m / (W0 + s * B @ A).norm(dim=0))[None, :]
+    )
     assert not by_column.ok and "norm of each column" in failures(by_column)
     no_rescale = exercises.check_dora_weight(lambda W0, A, B, m, s: W0 + s * B @ A)
     assert not no_rescale.ok and "rescales each row" in failures(no_rescale)
@@ -351,14 +398,20 @@ def test_check_dora_weight():
 
 def _frozen_adapter_bytes(model):
     from lora_lab import lora_layers
-    return sum(t.numel() * t.element_size() for layer in lora_layers(model).values()
-               for name, t in layer.state_dict().items()
-               if not name.startswith("base.") and not isinstance(getattr(layer, name, None), nn.Parameter))
+
+    return sum(
+        t.numel() * t.element_size()
+        for layer in lora_layers(model).values()
+        for name, t in layer.state_dict().items()
+        if not name.startswith("base.") and not isinstance(getattr(layer, name, None), nn.Parameter)
+    )
 
 
 def test_frozen_adapter_bytes_reference_is_what_the_adapter_file_holds_beyond_the_trained_tensors(tmp_path):
     from safetensors import safe_open
+
     from lora_lab import save_adapter
+
     expected = {"lora": 0, "vera": 0}
     for variant in ("lora", "lora_fa", "pissa", "vera"):
         model = exercises._variant_model(variant, seed=3)
@@ -375,12 +428,15 @@ def test_frozen_adapter_bytes_reference_is_what_the_adapter_file_holds_beyond_th
 
 def test_check_frozen_adapter_bytes():
     from lora_lab import lora_layers
+
     assert exercises.check_frozen_adapter_bytes(_frozen_adapter_bytes).ok
     every_buffer = exercises.check_frozen_adapter_bytes(
-        lambda m: sum(b.numel() * b.element_size() for l in lora_layers(m).values() for b in l.buffers()))
+        lambda m: sum(b.numel() * b.element_size() for l in lora_layers(m).values() for b in l.buffers())
+    )
     assert not every_buffer.ok and "never saved" in failures(every_buffer)
     counts = exercises.check_frozen_adapter_bytes(lambda m: _frozen_adapter_bytes(m) // 4)
     assert not counts.ok and "4 bytes" in failures(counts)
     with_trained = exercises.check_frozen_adapter_bytes(
-        lambda m: _frozen_adapter_bytes(m) + sum(p.numel() * 4 for p in m.parameters() if p.requires_grad))
+        lambda m: _frozen_adapter_bytes(m) + sum(p.numel() * 4 for p in m.parameters() if p.requires_grad)
+    )
     assert not with_trained.ok and "trainable tensors too" in failures(with_trained)

@@ -1,5 +1,6 @@
 """files.py: writers never destroy what is not theirs; bundles are swapped in whole, checksummed and readable
 while they are being replaced, even by a writer killed halfway."""
+
 import json
 import multiprocessing
 import os
@@ -14,9 +15,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_lab import files
-from lora_lab.files import (OUTPUT_MARKER, CorruptFileError, OutputExistsError, check_bundle_target, claim_output_dir,
-                            read_bundle, write_bundle, write_file_atomic, write_json_atomic)
+from lora_lab.storage import files
+from lora_lab.storage.files import (
+    OUTPUT_MARKER,
+    CorruptFileError,
+    OutputExistsError,
+    check_bundle_target,
+    claim_output_dir,
+    read_bundle,
+    write_bundle,
+    write_file_atomic,
+    write_json_atomic,
+)
 
 CONFIG, WEIGHTS, TAG = "config.json", "model.safetensors", "test.bundle.v1"
 FORK = multiprocessing.get_context("fork")  # the children need lora_lab and torch already imported: fast starts
@@ -78,9 +88,24 @@ def build(path: Path, content) -> None:
 @st.composite
 def existing_targets(draw):
     """(kind, how to build it at the target). Only missing, empty and same-kind bundles may be replaced."""
-    kind = draw(st.sampled_from(["missing", "empty", "bundle", "config only", "bundle + extra file",
-                                 "bundle + extra folder", "other kind", "no format", "user tree", "file",
-                                 "link to bundle", "link to nothing"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "missing",
+                "empty",
+                "bundle",
+                "config only",
+                "bundle + extra file",
+                "bundle + extra folder",
+                "other kind",
+                "no format",
+                "user tree",
+                "file",
+                "link to bundle",
+                "link to nothing",
+            ]
+        )
+    )
     extra = draw(st.sampled_from(["thesis.tex", "src", "lora_lab_base.json", ".DS_Store"]))
     payload = draw(contents)
     user = draw(st.dictionaries(names, user_trees, min_size=1, max_size=4))
@@ -102,8 +127,12 @@ def make_target(root: Path, target: Path, kind, extra, payload, user) -> None:
         target.mkdir()
         (target / CONFIG).write_text(json.dumps({"format": TAG}))
     elif kind == "other kind":
-        write_bundle(target, {WEIGHTS: {"w": torch.ones(2)}, CONFIG: {"format": "another.kind"}},
-                     config_file=CONFIG, format_tag="another.kind")
+        write_bundle(
+            target,
+            {WEIGHTS: {"w": torch.ones(2)}, CONFIG: {"format": "another.kind"}},
+            config_file=CONFIG,
+            format_tag="another.kind",
+        )
     elif kind == "no format":
         target.mkdir()
         (target / CONFIG).write_text(json.dumps({"value": 1}))
@@ -136,7 +165,10 @@ def test_a_write_replaces_only_a_bundle_of_its_own_kind(existing, neighbours):
             assert read(target) == 2.0
             assert sorted(os.listdir(target)) == [CONFIG, WEIGHTS]
             after = tree(root)
-            outside = lambda t: {p: v for p, v in t.items() if p != "target" and not p.startswith("target/")}
+
+            def outside(t):
+                return {p: v for p, v in t.items() if p != "target" and not p.startswith("target/")}
+
             assert outside(after) == outside(before)  # nothing outside the target changed or was left behind
         else:
             with pytest.raises(OutputExistsError) as info:
@@ -150,8 +182,11 @@ def test_the_refusal_says_what_is_there(tmp_path):
     (tmp_path / "myproject" / "src").mkdir(parents=True)
     (tmp_path / "myproject" / "src" / "thesis.tex").write_text("chapter 1")
     (tmp_path / "myproject" / "README").write_text("mine")
-    with pytest.raises(OutputExistsError, match=r"myproject: it is a folder holding README, src, and \['README', "
-                                                r"'src'\] are not files of a test.bundle.v1 bundle"):
+    with pytest.raises(
+        OutputExistsError,
+        match=r"myproject: it is a folder holding README, src, and \['README', "
+        r"'src'\] are not files of a test.bundle.v1 bundle",
+    ):
         write(tmp_path / "myproject", 1.0)
     (tmp_path / "notes.txt").write_text("x" * 10)
     with pytest.raises(OutputExistsError, match=r"notes.txt: it is a file \(10 bytes\)"):
@@ -320,8 +355,12 @@ def test_claim_output_dir(tmp_path):
     (home / ".bashrc").write_text("alias x=y")
     (tmp_path / "file").write_text("mine")
     (tmp_path / "link").symlink_to(out)
-    for path, why in [(home, "no .lora_lab_output.json"), (out, "another kind"), (tmp_path / "file", "a file"),
-                      (tmp_path / "link", "symbolic link")]:
+    for path, why in [
+        (home, "no .lora_lab_output.json"),
+        (out, "another kind"),
+        (tmp_path / "file", "a file"),
+        (tmp_path / "link", "symbolic link"),
+    ]:
         before = tree(tmp_path)
         with pytest.raises(OutputExistsError, match=why):
             claim_output_dir(path, "lora_lab.sweep.v1" if path == out else "lora_lab.tour.v1")
@@ -381,3 +420,68 @@ def test_a_single_file_write_removes_its_own_stale_temp_files(tmp_path):
     (out / ".report.md.swp").write_text("the user's editor")
     write_file_atomic(out / "report.md", "done")
     assert sorted(os.listdir(out)) == [".lora_lab_output.json", ".report.md.swp", "report.md"]
+
+
+# --- untrusted folders: regular files only, sizes bounded by what the files promise -------------------
+
+
+def read_raw(directory):
+    return read_bundle(directory, config_file=CONFIG, tensor_files=[WEIGHTS])
+
+
+def with_alarm(fn, seconds=5):
+    """Run fn, failing (not hanging) if it blocks: a FIFO opened for reading without a writer would."""
+
+    def hung(*_):
+        raise TimeoutError("the read blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("which", [CONFIG, WEIGHTS])
+def test_a_fifo_or_a_device_in_a_bundle_is_refused_without_blocking(tmp_path, which):
+    write(tmp_path / "b", 1.0)
+    (tmp_path / "b" / which).unlink()
+    os.mkfifo(tmp_path / "b" / which)
+    with pytest.raises(CorruptFileError, match=rf"{which} is a FIFO \(named pipe\); lora_lab reads only regular"):
+        with_alarm(lambda: read_raw(tmp_path / "b"))
+    (tmp_path / "b" / which).unlink()
+    (tmp_path / "b" / which).symlink_to("/dev/zero")  # would read until memory runs out
+    with pytest.raises(CorruptFileError, match=rf"{which} is a character device"):
+        with_alarm(lambda: read_raw(tmp_path / "b"))
+
+
+def test_a_link_to_a_regular_file_is_read(tmp_path):
+    write(tmp_path / "b", 2.0)
+    (tmp_path / "b" / WEIGHTS).rename(tmp_path / "elsewhere")
+    (tmp_path / "b" / WEIGHTS).symlink_to(tmp_path / "elsewhere")
+    config, tensors = read_raw(tmp_path / "b")
+    assert config["value"] == 2.0 and torch.equal(tensors[WEIGHTS]["w"], torch.full((16,), 2.0))
+
+
+def test_a_safetensors_header_that_promises_other_sizes_is_refused_before_reading(tmp_path):
+    write(tmp_path / "b", 1.0)
+    path = tmp_path / "b" / WEIGHTS
+    data = path.read_bytes()
+    path.write_bytes((10**12).to_bytes(8, "little") + data[8:])  # a header of a terabyte
+    with pytest.raises(CorruptFileError, match="its header claims 1,000,000,000,000 bytes"):
+        read_raw(tmp_path / "b")
+    path.write_bytes(data + b"\0" * 1000)  # more bytes than the header describes
+    with pytest.raises(CorruptFileError, match=r"header describes [\d,]+ bytes, the file holds"):
+        read_raw(tmp_path / "b")
+
+
+@given(depth=st.integers(65, 200_000), kind=st.sampled_from(["[", '{"a":']))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_deeply_nested_json_is_refused_by_name(tmp_path, depth, kind):
+    path = tmp_path / "deep.json"
+    close = "]" if kind == "[" else "}"
+    path.write_text('{"a": ' + kind * depth + "1" + close * depth + "}")
+    with pytest.raises(CorruptFileError, match="nests JSON more than 64 levels deep"):
+        files.read_json(path)

@@ -1,18 +1,28 @@
 """Fine-tuning with LoRA and in full, on a tiny GPT pretrained for a moment on a synthetic corpus."""
+
 import csv
 
 import pytest
 import torch
+from test_tasks import write_synthetic_corpus
 
 from lora_lab import GPT, CharTokenizer, GPTConfig, LoRAConfig, TrainConfig, train
-from lora_lab.finetune import (
-    DEFAULT_TARGETS, FINETUNE_DEFAULTS, FULL_LEARNING_RATE, LORA_LEARNING_RATE, compare_methods, default_lora_config,
-    encode_task, finetune, finetune_config, format_table, plot_loss_curves, rank_sweep, task_losses,
+from lora_lab.experiments.defaults import (
+    ALPHA,
+    DEFAULT_TARGETS,
+    FINETUNE_DEFAULTS,
+    FULL_LEARNING_RATE,
+    LORA_LEARNING_RATE,
+    default_lora_config,
+    finetune_config,
 )
-from lora_lab.protocol import default_alpha, protocol_train_config
+from lora_lab.experiments.estimator import encode_task, task_scores
+from lora_lab.experiments.finetune import finetune, method_label
+from lora_lab.experiments.protocol import protocol_train_config
+from lora_lab.experiments.reports import format_table
+from lora_lab.experiments.studies import compare_methods, rank_sweep
 from lora_lab.lora import LoRALinear, lora_layers
 from lora_lab.tasks import make_task, source_domain
-from test_tasks import write_synthetic_corpus
 
 EVAL = dict(eval_chars=400)  # the exact loss of a short fixed text: fast and still comparable
 
@@ -33,8 +43,9 @@ def setup(tmp_path_factory):
     data = {k: torch.tensor(tokenizer.encode(v)) for k, v in source.items()}
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=32))
-    cfg = TrainConfig(max_iters=300, batch_size=16, learning_rate=3e-3, warmup_iters=10, eval_interval=300,
-                      eval_iters=2, device="cpu")
+    cfg = TrainConfig(
+        max_iters=300, batch_size=16, learning_rate=3e-3, warmup_iters=10, eval_interval=300, eval_iters=2, device="cpu"
+    )
     train(model, data["train"], data["validation"], cfg, progress=False)
     return model, tokenizer, splits
 
@@ -56,6 +67,11 @@ def test_finetune_never_changes_the_base(setup):
     assert all(torch.equal(after_weights[k], weights[k]) for k in weights)
     assert after_grads == grads and [type(m) for m in base.modules()] == modules
     assert not lora_layers(base)
+
+
+def task_losses(model, data, eval_chars):
+    scores = task_scores(model, data, eval_chars)
+    return {"target": scores["target"], "source": scores["source"]}
 
 
 def test_lora_lowers_the_target_loss_below_the_base(setup):
@@ -101,8 +117,9 @@ def test_same_seed_same_result_and_another_seed_differs(setup):
     base, tokenizer, splits = setup
     task = make_task("romeo_juliet", splits)
     lora = LoRAConfig(r=2, alpha=4.0, targets=("q_proj", "v_proj"))
-    runs = [finetune(base, task, tokenizer, lora, quick(max_iters=25, seed=s), progress=False, **EVAL)
-            for s in (7, 7, 8)]
+    runs = [
+        finetune(base, task, tokenizer, lora, quick(max_iters=25, seed=s), progress=False, **EVAL) for s in (7, 7, 8)
+    ]
     a, b, c = runs
     assert a.history.losses == b.history.losses and a.losses == b.losses
     state_a, state_b = a.model.state_dict(), b.model.state_dict()
@@ -111,28 +128,35 @@ def test_same_seed_same_result_and_another_seed_differs(setup):
     assert a.base_losses == c.base_losses  # the evaluation text does not depend on the training seed
 
 
-def test_compare_methods_table(setup):
+def test_compare_methods_is_a_protocol_comparison_of_one_seed(setup):
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
-    comp = compare_methods(base, task, tokenizer, LoRAConfig(r=2, alpha=4.0), quick(max_iters=30),
-                           quick(full=True, max_iters=30), progress=False, **EVAL)
-    assert [r["method"] for r in comp.rows] == ["base", "LoRA r=2", "full FT"]
-    base_row, lora_row, full_row = comp.rows
-    assert base_row["trainable_params"] == 0
-    assert full_row["trainable_params"] == base.num_parameters() and full_row["trainable_pct"] == 100.0
-    assert 0 < lora_row["trainable_params"] < full_row["trainable_params"]
-    assert lora_row["target_loss"] == comp.results["lora"].losses["target"]
-    assert base_row["target_loss"] == comp.results["full"].base_losses["target"]
+    lora_cfg, full_cfg = quick(max_iters=30), quick(full=True, max_iters=30)
+    comp = compare_methods(
+        base, task, tokenizer, LoRAConfig(r=2, alpha=4.0), lora_cfg, full_cfg, progress=False, **EVAL
+    )
+    rows = comp.rows()
+    assert [r["method"] for r in rows] == ["base", "LoRA r=2", "full FT"]
+    base_row, lora_row, full_row = rows
+    assert base_row["trainable"] == "0" and full_row["trainable"] == f"{base.num_parameters():,}"
+    lora_res, full_res = comp.results
+    assert 0 < lora_res.runs[0].trainable_params < full_res.runs[0].trainable_params
+    # the same numbers as finetune gives: one pipeline
+    alone = finetune(base, task, tokenizer, LoRAConfig(r=2, alpha=4.0), lora_cfg, progress=False, **EVAL)
+    assert lora_res.runs[0].curve == alone.curve and comp.base == {k: alone.curve[0][k] for k in comp.base}
+    assert lora_row["target loss"] == f"{alone.losses['target']:.4f} ± 0.0000"
+    assert (lora_res.chosen_lr, full_res.chosen_lr) == (lora_cfg.learning_rate, full_cfg.learning_rate)
     text = comp.to_text()
-    assert "LoRA r=2" in text and "full FT" in text and f"{lora_row['target_loss']:.4f}" in text
+    assert "LoRA r=2" in text and "full FT" in text and "one seed: no spread" in text
 
 
 def test_rank_sweep_writes_a_table_and_a_plot(setup, tmp_path):
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
     out = tmp_path / "sweep"
-    sweep = rank_sweep(base, task, tokenizer, [1, 2, 4], ("q_proj", "v_proj"), 4.0, quick(max_iters=15), out,
-                       progress=False, **EVAL)
+    sweep = rank_sweep(
+        base, task, tokenizer, [1, 2, 4], ("q_proj", "v_proj"), 4.0, quick(max_iters=15), out, progress=False, **EVAL
+    )
     # no temporary files left; the marker says the folder is a sweep's, so a rerun may replace its files
     assert sorted(p.name for p in out.iterdir()) == [".lora_lab_output.json", "sweep.csv", "sweep.png"]
     with open(out / "sweep.csv") as f:
@@ -170,40 +194,52 @@ def test_finetune_config_defaults_and_short_runs():
     # the defaults are the protocol's seed-0 runs at the chosen rates: LoRA without weight decay, full with 0.1
     assert finetune_config() == protocol_train_config(False, LORA_LEARNING_RATE, seed=0, device="auto")
     assert finetune_config(full=True) == protocol_train_config(True, FULL_LEARNING_RATE, seed=0, device="auto")
-    short = finetune_config(max_iters=40)
-    assert short.max_iters == 40 and short.warmup_iters == 4
+    assert (finetune_config().weight_decay, finetune_config(full=True).weight_decay) == (0.0, 0.1)
+    # one recipe: a warmup of 10% of the steps and cosine to a tenth of the rate, however many steps
+    for steps in (40, 200, 2000):
+        assert finetune_config(max_iters=steps).warmup_iters == steps // 10
+        assert protocol_train_config(False, 1e-2, steps=steps) == finetune_config(
+            max_iters=steps, learning_rate=1e-2, device="cpu"
+        )
     assert finetune_config(max_iters=20, warmup_iters=0).warmup_iters == 0
     assert finetune_config(learning_rate=1e-2).min_lr == pytest.approx(1e-3)
     assert finetune_config(learning_rate=1e-2, min_lr=0.0).min_lr == 0.0
 
 
-def test_one_alpha_rule_everywhere():
+def test_one_alpha_rule_and_one_label_rule_everywhere():
     assert default_lora_config() == LoRAConfig(r=8, alpha=16.0, targets=DEFAULT_TARGETS)
-    assert default_lora_config(4).alpha == 16.0 and default_alpha(1) == default_alpha(16) == 16.0 == LoRAConfig.alpha
+    assert default_lora_config(4).alpha == default_lora_config(64).alpha == ALPHA == 16.0 == LoRAConfig.alpha
     assert default_lora_config(4, alpha=3.0).alpha == 3.0
+    assert default_lora_config(2, "q_proj").targets == ("q_proj",)
     import inspect
 
     assert inspect.signature(finetune).parameters["lora"].default == default_lora_config()
-    assert inspect.signature(rank_sweep).parameters["alpha"].default is None  # None: default_alpha per rank
+    assert inspect.signature(rank_sweep).parameters["alpha"].default is None  # None: ALPHA at every rank
+    assert "base_losses" not in inspect.signature(finetune).parameters  # it was accepted and ignored
+    labels = [method_label(c) for c in (None, LoRAConfig(r=8), LoRAConfig(r=4, variant="dora"))]
+    assert labels == ["full FT", "LoRA r=8", "dora r=4"]
 
 
 def test_format_table():
     text = format_table([{"a": 1, "b": 0.5, "c": 16.0}, {"a": 22, "b": None, "c": 2.5}], formats={"c": ".1f"})
     assert text.splitlines() == [
-        "| a  | b      | c    |", "| -- | ------ | ---- |", "| 1  | 0.5000 | 16.0 |", "| 22 | -      | 2.5  |"
+        "| a  | b      | c    |",
+        "| -- | ------ | ---- |",
+        "| 1  | 0.5000 | 16.0 |",
+        "| 22 | -      | 2.5  |",
     ]
     assert format_table([{"alpha": 16.0, "loss": 1.23456}]).splitlines()[2] == "| 16    | 1.2346 |"
 
 
 def test_rank_sweep_refuses_a_folder_of_other_files_before_training(setup, tmp_path, monkeypatch):
-    import lora_lab.finetune as ft
+    import lora_lab.experiments.studies as studies
 
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
     mine = tmp_path / "notes"
     mine.mkdir()
     (mine / "sweep.csv").write_text("my own table")
-    monkeypatch.setattr(ft, "finetune", lambda *a, **k: pytest.fail("trained before checking the output folder"))
+    monkeypatch.setattr(studies, "finetune", lambda *a, **k: pytest.fail("trained before checking the output folder"))
     with pytest.raises(ValueError, match="Refusing to write .*notes"):
         rank_sweep(base, task, tokenizer, [1], out_dir=mine, progress=False)
     assert [p.name for p in mine.iterdir()] == ["sweep.csv"] and (mine / "sweep.csv").read_text() == "my own table"
@@ -212,8 +248,9 @@ def test_rank_sweep_refuses_a_folder_of_other_files_before_training(setup, tmp_p
 def test_rank_sweep_takes_one_target_name_as_a_string(setup):
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
-    sweep = rank_sweep(base, task, tokenizer, [1, 2], "q_proj", None, quick(max_iters=2), progress=False,
-                       eval_chars=100)
+    sweep = rank_sweep(
+        base, task, tokenizer, [1, 2], "q_proj", None, quick(max_iters=2), progress=False, eval_chars=100
+    )
     assert sweep.rows[0]["targets"] == ["q_proj"] and sweep.rows[0]["trainable_params"] == 2 * (32 + 32)
     assert [row["alpha"] for row in sweep.rows] == [16.0, 16.0]  # alpha None: 16 for every rank
 
@@ -243,3 +280,17 @@ def test_finetune_refuses_texts_shorter_than_a_window(setup):
     task = Task("short", "d", train="the king" * 10, validation="the", source_validation="the king" * 10)
     with pytest.raises(ValueError, match=r"Task 'short': text\(s\) \{'target': 3\} .* block_size=16"):
         finetune(base, task, tokenizer, progress=False)
+
+
+def test_rank_sweep_trains_the_variant_it_is_given(setup):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    cfg = quick(max_iters=2)
+    sweep = rank_sweep(base, task, tokenizer, [2], "q_proj", None, cfg, progress=False, variant="vera", eval_chars=100)
+    vera = finetune(
+        base, task, tokenizer, LoRAConfig(r=2, targets=("q_proj",), variant="vera"), cfg, False, eval_chars=100
+    )
+    plain = finetune(base, task, tokenizer, LoRAConfig(r=2, targets=("q_proj",)), cfg, False, eval_chars=100)
+    assert sweep.rows[0]["trainable_params"] == vera.trainable_params != plain.trainable_params
+    assert sweep.rows[0]["target_loss"] == vera.losses["target"]
+    assert sweep.to_text().startswith("Rank sweep of vera on shout")

@@ -1,5 +1,6 @@
 """The fast path for q/k/v (fused.grouped_linear through LoRALinear.forward_together) equals the reference
 LoRALinear.forward, value and gradient, and steps aside wherever it could not."""
+
 from dataclasses import replace
 
 import pytest
@@ -44,8 +45,10 @@ def test_q_k_v_together_equal_each_layer_alone(tiny_config, bias, variant):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("device", [
-    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
 def test_bf16_autocast_matches_the_reference_at_bf16_precision(tiny_config, device):
     attn = adapted(tiny_config).blocks[0].attn.to(device)
     x = torch.randn(3, 7, tiny_config.n_embd, device=device)
@@ -91,6 +94,7 @@ def test_merged_or_disabled_layers_are_computed_as_their_bases_together(tiny_con
         torch.testing.assert_close(together.unflatten(-1, (3, -1)), reference(attn, x), atol=1e-6, rtol=1e-5)
         if switch == "merged":
             from lora_lab import unmerge_lora
+
             unmerge_lora(model)
 
 
@@ -157,3 +161,13 @@ def test_set_fast_path_switches_every_layer_and_needs_lora(tiny_config):
     assert all(layer.fuse_with_siblings for layer in lora_layers(model).values())
     with pytest.raises(LoRAError, match="no LoRA layers"):
         set_fast_path(GPT(tiny_config), False)
+
+
+def test_the_rules_live_with_the_fast_path(tiny_config):
+    from lora_lab.fused import can_join
+
+    for variant, joins in (("lora", True), ("rslora", True), ("lora_fa", True), ("dora", False), ("pissa", False)):
+        layer = adapted(tiny_config, variant=variant).blocks[0].attn.q_proj
+        assert can_join(layer, LoRALinear.forward) is joins, variant  # a variant's own forward never joins
+        layer.fuse_with_siblings = False  # opted out (set_fast_path(model, False) does this for every layer)
+        assert not can_join(layer, LoRALinear.forward)

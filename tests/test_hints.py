@@ -1,4 +1,5 @@
 """Every install hint lora_lab prints must work: an extra it names exists in pyproject.toml."""
+
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_extra_named_in_a_hint_exists():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     named = {}
-    for path in [*(ROOT / "lora_lab").glob("*.py"), ROOT / "README.md"]:
+    for path in [*(ROOT / "lora_lab").rglob("*.py"), ROOT / "README.md"]:
         for extra in re.findall(r"lora-lab\[([\w,-]+)\]", path.read_text()):
             for name in extra.split(","):
                 named.setdefault(name, []).append(path.name)

@@ -1,64 +1,115 @@
 """lora_lab's modules build on each other in one direction, and none reaches into another's private names.
 
-The declared order, lowest first (a module may import only from strictly earlier layers):
+The rule, in one line: spine -> storage -> variants -> experiments -> course -> cli. A module may import only
+from strictly earlier layers below (or from inside itself). In words:
 
-    files, errors -> data, tasks -> model -> sampling, adapter_layers -> targets, fused -> lora -> variants
-    -> checkpoint -> adapters -> peft_interop, multi_adapter -> contract -> distributed -> train -> pretrained
-    -> protocol -> finetune, scaling, costs -> outputs -> widgets -> exercises, tour -> cli
+- the spine (lora_lab/*.py) is the method and its training loop; it knows nothing of files or experiments;
+- storage/ keeps models and adapters on disk and serves them (banks, mixed batches, PEFT's format);
+- variants/ are LoRALinear subclasses, and the contract that checks them runs save/load, banks and PEFT;
+- experiments/ pretrain, fine-tune and compare; course/ is what the notebooks use on top; cli is a thin skin.
 
-That is the issue's data -> model -> lora -> train -> analysis/widgets -> cli, refined to today's modules:
-targeting (targets) and the variants sit with lora; adapters on disk and PEFT build on lora; the contract
-checker runs save/load and PEFT round trips, so it comes after them; training knows LoRA only for LoRA+;
-serving many adapters in one batch (multi_adapter) builds on the adapters, data-parallel plumbing
-(distributed) sits under train, and the scale-out measurements (scaling) use training and serving.
-The package's __init__ imports everything and is not part of the order. The test reads the source (ast),
-so an import inside a function counts too.
+A room's __init__.py is its front door: it comes after the room's modules. The package's own __init__ imports
+everything and is not part of the order. The test reads the source (ast), so an import inside a function counts.
+It finds the package through lora_lab.__file__, so it checks the installed sources from any working directory.
 """
+
 import ast
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lora_lab"
-LAYERS = [
-    ("files", "errors"), ("data", "tasks"), ("model",), ("sampling", "adapter_layers"), ("targets", "fused"), ("lora",),
-    ("variants",), ("checkpoint",), ("adapters",), ("peft_interop", "multi_adapter"), ("contract",), ("distributed",),
-    ("train",), ("pretrained",), ("protocol",), ("finetune", "scaling", "costs"), ("outputs",), ("widgets",), ("exercises", "tour"), ("cli",),
-]
-RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+import lora_lab
+
+PACKAGE = Path(lora_lab.__file__).resolve().parent
+SPINE = [
+    ("errors", "digests"), ("data",), ("tasks",), ("model",), ("sampling",), ("targets", "fused"), ("lora",),
+    ("devices",), ("distributed",), ("train",),
+]  # fmt: skip
+STORAGE = [
+    ("storage.files",), ("storage.checkpoint",), ("storage.adapters",), ("storage.bank",),
+    ("storage.peft_format", "storage.mixed"), ("storage.outputs",), ("storage",),
+]  # fmt: skip
+VARIANTS = [("variants.*",), ("variants.contract",), ("variants",)]  # every built-in sits on the spine alone
+EXPERIMENTS = [
+    ("experiments.pretrained",), ("experiments.defaults",), ("experiments.estimator",), ("experiments.reports",),
+    ("experiments.finetune",), ("experiments.runs",), ("experiments.protocol",), ("experiments.studies",),
+    ("experiments.costs", "experiments.scaling"), ("experiments",),
+]  # fmt: skip
+COURSE = [
+    ("course.numerics",), ("course.adapter_layers",), ("course.widgets",), ("course.exercises", "course.tour"),
+    ("course",),
+]  # fmt: skip
+LAYERS = SPINE + STORAGE + VARIANTS + EXPERIMENTS + COURSE + [("cli",)]
+
+
+def rank_of(module: str) -> int | None:
+    """The layer of a module ("lora", "storage.files", "variants"): exact names first, then patterns."""
+    for exact in (True, False):
+        for i, layer in enumerate(LAYERS):
+            for pattern in layer:
+                if (module == pattern) if exact else ("*" in pattern and fnmatchcase(module, pattern)):
+                    return i
+    return None
 
 
 def module_of(path: Path) -> str:
-    """lora_lab/lora.py -> "lora"; every file of the variants package -> "variants"."""
-    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+    """lora_lab/lora.py -> "lora"; lora_lab/storage/files.py -> "storage.files"; lora_lab/storage/__init__.py
+    -> "storage"."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def known_module(parts: list[str]) -> str:
+    """The longest prefix of an absolute lora_lab path that names a module ("storage.files.read_json" ->
+    "storage.files")."""
+    for n in range(len(parts), 0, -1):
+        name = ".".join(parts[:n])
+        if (PACKAGE.joinpath(*parts[:n]).with_suffix(".py")).is_file() or (
+            PACKAGE.joinpath(*parts[:n]) / "__init__.py"
+        ).is_file():
+            return name
+    return ".".join(parts)
 
 
 def imports(path: Path, source: str):
     """(imported lora_lab module, [imported names], line) for each lora_lab import in `source` (the file at path)."""
-    package_depth = len(path.relative_to(PACKAGE).parts) - 1  # 0 for lora_lab/x.py, 1 for lora_lab/variants/x.py
+    package = list(path.relative_to(PACKAGE).parts[:-1])  # [] for lora_lab/x.py, ["storage"] for storage/x.py
     for node in ast.walk(ast.parse(source, str(path))):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            up = node.level - 1 - package_depth  # < 0: inside a subpackage
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lora_lab")):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                module = base + (node.module.split(".") if node.module else [])
+            else:
+                module = node.module.split(".")[1:]
             names = [a.name for a in node.names]
-            if up < 0:  # e.g. "from .dora import X" inside variants/
-                yield module_of(path), names, node.lineno
-            elif node.module:
-                yield node.module.split(".")[0], names, node.lineno
-            else:  # "from . import tasks"
+            if node.module is None:  # "from . import tasks": each name is a module
                 for name in names:
-                    yield name, [], node.lineno
-        elif isinstance(node, ast.Import) and any(a.name.startswith("lora_lab") for a in node.names):
+                    yield known_module(module + [name]), [], node.lineno
+            else:
+                yield known_module(module), names, node.lineno
+        elif isinstance(node, ast.Import):
             for a in node.names:
                 parts = a.name.split(".")
-                if len(parts) > 1:
-                    yield parts[1], [], node.lineno
+                if parts[0] == "lora_lab" and len(parts) > 1:
+                    yield known_module(parts[1:]), [], node.lineno
 
 
-SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE)
+SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
+
+
+def test_the_package_sources_were_found():
+    found = {module_of(p) for p in SOURCES}
+    assert {"lora", "model", "train", "storage.adapters", "variants.dora", "experiments.protocol", "cli"} <= found, (
+        f"the layering test found no lora_lab sources under {PACKAGE}"
+    )
+    assert len(SOURCES) >= 30
 
 
 def test_every_module_is_placed_in_the_order():
-    unplaced = sorted({module_of(p) for p in SOURCES} - set(RANK))
+    unplaced = sorted(m for m in {module_of(p) for p in SOURCES} if rank_of(m) is None)
     assert not unplaced, f"add {unplaced} to LAYERS in tests/test_layering.py (and its docstring)"
 
 
@@ -70,12 +121,15 @@ def violations(path: Path, source: str) -> list[str]:
         if private:
             found.append(f"{where} imports private name(s) {private} from {target}: publish them instead")
         if target == me:
-            continue  # inside one module or package
-        if target not in RANK:
+            continue
+        mine, theirs = rank_of(me), rank_of(target)
+        if theirs is None:
             found.append(f"{where} imports unknown module {target}")
-        elif RANK[target] >= RANK[me]:
-            found.append(f"{where}: {me} (layer {RANK[me]}) imports {target} (layer {RANK[target]}), "
-                         "against the order data -> model -> lora -> ... -> cli")
+        elif theirs >= mine:
+            found.append(
+                f"{where}: {me} (layer {mine}) imports {target} (layer {theirs}), "
+                "against the order spine -> storage -> variants -> experiments -> course -> cli"
+            )
     return found
 
 
@@ -85,10 +139,17 @@ def test_imports_follow_the_order_and_skip_private_names(path):
 
 
 def test_the_checker_catches_both_kinds_of_violation():
-    lora, dora = PACKAGE / "lora.py", PACKAGE / "variants" / "dora.py"
+    lora, dora, files = PACKAGE / "lora.py", PACKAGE / "variants" / "dora.py", PACKAGE / "storage" / "files.py"
     assert violations(lora, "from .targets import select_targets\nfrom .errors import LoRAError\n") == []
-    bad = violations(lora, "from .widgets import RankDashboard\nfrom .targets import _secret\n"
-                           "def f():\n    from .adapters import save_adapter\n")
-    assert len(bad) == 3 and "lora (layer" in bad[0] and "_secret" in bad[1] and "adapters" in bad[2]
-    assert violations(dora, "from ..lora import LoRALinear\nfrom .pissa import PiSSALinear\n") == []
-    assert "imports adapters" in violations(dora, "from ..adapters import save_adapter\n")[0]
+    bad = violations(
+        lora,
+        "from .course.widgets import RankDashboard\nfrom .targets import _secret\n"
+        "def f():\n    from .storage.adapters import save_adapter\n",
+    )
+    assert len(bad) == 3 and "lora (layer" in bad[0] and "_secret" in bad[1] and "storage.adapters" in bad[2]
+    assert violations(dora, "from ..lora import LoRALinear\nfrom ..errors import LoRAError\n") == []
+    assert "imports variants.pissa" in violations(dora, "from .pissa import PiSSALinear\n")[0]  # built-ins stand alone
+    assert violations(dora, "from ..storage.adapters import save_adapter\n") == []  # storage comes first
+    assert "imports experiments.finetune" in violations(dora, "from ..experiments.finetune import finetune\n")[0]
+    assert "imports variants" in violations(files, "from .. import variants\n")[0]
+    assert "imports experiments.protocol" in violations(files, "import lora_lab.experiments.protocol\n")[0]

@@ -1,4 +1,5 @@
 """The LoRA layer, targeting/freezing, merging and the parameter report (lora_lab/lora.py)."""
+
 import copy
 import math
 
@@ -7,9 +8,11 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import TINY, assert_same, snapshot, tiny_gpt, tokens
 
 from lora_lab import (
     GPT,
+    VARIANTS,
     GPTConfig,
     LoRAConfig,
     LoRAError,
@@ -19,12 +22,11 @@ from lora_lab import (
     merge_and_unload,
     merge_lora,
     parameter_report,
+    register_variant,
     set_lora_enabled,
     unmerge_lora,
 )
 from lora_lab.model import count_parameters_formula
-
-from tiny_models import TINY, assert_same, snapshot, tiny_gpt, tokens
 
 
 def randomize_B(model, seed=2, std=0.5):
@@ -187,8 +189,10 @@ def test_bad_hyperparameters_are_refused(kwargs, message):
     "config, message",
     [
         (LoRAConfig(r=33), r"r=33 exceeds min\(d, k\) = min\(32, 32\)"),
-        (LoRAConfig(targets=("q_proj", "query")),
-         "'query' matches no module.*Linear layers in this model: q_proj, k_proj"),
+        (
+            LoRAConfig(targets=("q_proj", "query")),
+            "'query' matches no module.*Linear layers in this model: q_proj, k_proj",
+        ),
         (LoRAConfig(targets=("ln_1",)), r"'ln_1' matches only blocks.0.ln_1 \(LayerNorm\).*only nn.Linear"),
         (LoRAConfig(targets=("attn",)), r"only blocks.0.attn \(CausalSelfAttention\)"),
         (LoRAConfig(targets=("lm_head",)), r"'lm_head' shares its weight with \['tok_emb.weight'\]"),
@@ -223,6 +227,47 @@ def test_trainable_modules_stay_trainable():
     assert model.lm_head.weight.requires_grad  # tied: the same tensor as tok_emb.weight
 
 
+def test_apply_lora_keeps_the_flags_a_variant_chose():
+    class FrozenA(LoRALinear):
+        """LoRA with A frozen as a parameter (not a buffer). Trainable parameters per layer: r*d"""
+
+        variant, parameter_formula = "frozen_a_test", "r*d"
+
+        @classmethod
+        def parameter_count(cls, d, k, r):
+            return r * d
+
+        def __init__(self, base, r, alpha, dropout=0.0, init="gaussian"):
+            super().__init__(base, r, alpha, dropout, init)
+            self.lora_A.requires_grad_(False)
+
+    register_variant(FrozenA)
+    try:
+        base = tiny_gpt()
+        base.ln_f.weight.requires_grad_(False)  # whatever the model's own flags were, the base ends frozen
+        model = apply_lora(base, LoRAConfig(r=2, variant="frozen_a_test", targets=("q_proj",), trainable=("ln_f",)))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {f"{n}.lora_B" for n in lora_layers(model)} | {"ln_f.weight"}
+        assert parameter_report(model).lora_params == len(lora_layers(model)) * 2 * TINY.n_embd
+    finally:
+        del VARIANTS["frozen_a_test"]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_new_layers_take_the_mode_of_the_model_they_join(training):
+    model = tiny_gpt().train(training)
+    model.blocks[1].eval()  # a part the user put in eval mode stays so
+    apply_lora(model, LoRAConfig(r=2, dropout=0.3, targets=("q_proj",)))
+    layers = lora_layers(model)
+    assert layers["blocks.0.attn.q_proj"].training is training
+    assert layers["blocks.0.attn.q_proj"].lora_dropout.training is training
+    assert layers["blocks.1.attn.q_proj"].training is False
+    if not training:  # eval means eval: LoRA dropout is off, so two forwards agree
+        randomize_B(model)
+        x = tokens()
+        assert torch.equal(model(x)[0], model(x)[0])
+
+
 # --- parameter report ----------------------------------------------------------------------------
 
 
@@ -231,17 +276,27 @@ def test_trainable_modules_stay_trainable():
     [
         (TINY, LoRAConfig(r=4)),
         (TINY, LoRAConfig(r=1, targets=("up_proj", "down_proj"))),
-        (GPTConfig(vocab_size=7, block_size=8, n_layer=3, n_head=4, n_embd=24, bias=True),
-         LoRAConfig(r=8, targets=("*_proj",), trainable=("ln_f",))),
-        (GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=16),
-         LoRAConfig(r=16, targets=("v_proj",), trainable=("lm_head",))),
+        (
+            GPTConfig(vocab_size=7, block_size=8, n_layer=3, n_head=4, n_embd=24, bias=True),
+            LoRAConfig(r=8, targets=("*_proj",), trainable=("ln_f",)),
+        ),
+        (
+            GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=16),
+            LoRAConfig(r=16, targets=("v_proj",), trainable=("lm_head",)),
+        ),
     ],
 )
 def test_parameter_report_matches_formula(gpt, config):
     model = apply_lora(tiny_gpt(gpt), config)
     C, L, r = gpt.n_embd, gpt.n_layer, config.r
-    shapes = {"q_proj": (C, C), "k_proj": (C, C), "v_proj": (C, C), "o_proj": (C, C),
-              "up_proj": (4 * C, C), "down_proj": (C, 4 * C)}  # (d, k) = (out, in)
+    shapes = {
+        "q_proj": (C, C),
+        "k_proj": (C, C),
+        "v_proj": (C, C),
+        "o_proj": (C, C),
+        "up_proj": (4 * C, C),
+        "down_proj": (C, 4 * C),
+    }  # (d, k) = (out, in)
     chosen = [n for n in shapes if any(t == n or (t == "*_proj") for t in config.targets)]
     lora = L * sum(r * (shapes[n][0] + shapes[n][1]) for n in chosen)
     extra = {(): 0, ("ln_f",): C * (1 + gpt.bias), ("lm_head",): gpt.vocab_size * C}[config.trainable]
@@ -256,6 +311,7 @@ def test_parameter_report_matches_formula(gpt, config):
     assert report.trainable_fraction == (lora + extra) / (count_parameters_formula(gpt) + lora)
     text = report.to_text()
     assert f"{lora:,}" in text and report.rows[0].name in text
+    assert text.splitlines()[0].split() == ["module", "d", "k", "r", "trained", "d*k"]
 
 
 # --- merging -------------------------------------------------------------------------------------
@@ -301,7 +357,10 @@ def test_merge_state_errors():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    d=st.integers(1, 48), k=st.integers(1, 48), r_frac=st.floats(0.0, 1.0), alpha=st.floats(0.1, 64.0),
+    d=st.integers(1, 48),
+    k=st.integers(1, 48),
+    r_frac=st.floats(0.0, 1.0),
+    alpha=st.floats(0.1, 64.0),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_merge_unmerge_round_trip_property(d, k, r_frac, alpha, seed):
@@ -322,8 +381,14 @@ def test_merge_unmerge_round_trip_property(d, k, r_frac, alpha, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), d=st.integers(1, 40),
-       k=st.integers(1, 40), alpha=st.floats(0.1, 64.0), std=st.floats(1e-3, 1.0), seed=st.integers(0, 2**31 - 1))
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    d=st.integers(1, 40),
+    k=st.integers(1, 40),
+    alpha=st.floats(0.1, 64.0),
+    std=st.floats(1e-3, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_merge_unmerge_restores_W_exactly_in_every_dtype(dtype, d, k, alpha, std, seed):
     torch.manual_seed(seed)
     layer = LoRALinear(nn.Linear(k, d, bias=False), r=1, alpha=alpha).to(dtype)

@@ -1,14 +1,17 @@
-"""Mixed-adapter batches (lora_lab.multi_adapter): every row equals that row run alone through its adapter."""
+"""Mixed-adapter batches (lora_lab.storage.mixed): every row equals that row run alone through its adapter."""
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import assert_same, snapshot, tiny_gpt, tokens
 
 from lora_lab import LoRAConfig, LoRAError, LoRALinear, apply_lora, merge_lora, register_variant, save_adapter
-from lora_lab.multi_adapter import ROW_RULES, MixedAdapterModel, serves_rows
+from lora_lab.storage.mixed import MixedAdapterModel, serves_rows
 from lora_lab.variants import VARIANTS
-from tiny_models import assert_same, snapshot, tiny_gpt, tokens
+
+BUILT_INS = sorted(n for n, cls in VARIANTS.items() if cls.__module__.startswith("lora_lab."))
 
 TOLERANCE = dict(rtol=0, atol=1e-5)  # fp32; the rows go through the same matmuls in other batch shapes
 
@@ -18,22 +21,24 @@ def trained_adapter(base, variant="lora", seed=0, targets=("q_proj", "v_proj")):
     model = apply_lora(copy.deepcopy(base), LoRAConfig(r=2, alpha=4, targets=targets, variant=variant))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
     return model.eval()
 
 
-def test_every_built_in_variant_is_decided():
-    assert set(ROW_RULES) == set(VARIANTS)
-    assert all(serves_rows(v) for v in VARIANTS)
+def test_every_built_in_variant_serves_rows():
+    assert {"lora", "dora", "pissa", "vera", "rslora", "lora_fa"} <= set(BUILT_INS)
+    assert all(VARIANTS[v].rows_independent is True and serves_rows(v) for v in BUILT_INS)
 
 
-@pytest.mark.parametrize("variant", sorted(ROW_RULES))
+@pytest.mark.parametrize("variant", BUILT_INS)
 def test_each_row_equals_that_row_alone_with_its_adapter(variant):
     base = tiny_gpt()
-    adapted = {"a": trained_adapter(base, variant, seed=1),
-               "b": trained_adapter(base, variant, seed=2, targets=("q_proj", "k_proj", "o_proj"))}
+    adapted = {
+        "a": trained_adapter(base, variant, seed=1),
+        "b": trained_adapter(base, variant, seed=2, targets=("q_proj", "k_proj", "o_proj")),
+    }
     mixed = MixedAdapterModel(base)
     for name, model in adapted.items():
         mixed.add(name, model)
@@ -147,7 +152,10 @@ def test_a_variant_not_known_to_run_per_row_is_refused(batch_centered):
     base = tiny_gpt()
     before = snapshot(base)
     mixed = MixedAdapterModel(base)
-    with pytest.raises(LoRAError, match="'batch_centered_test' adapter, which is not known to compute each row"):
+    with pytest.raises(
+        LoRAError,
+        match="'batch_centered_test' adapter, which is not known to compute each row.*rows_independent = False",
+    ):
         mixed.add("c", trained_adapter(base, "batch_centered_test", seed=13))
     assert mixed.names == [] and not mixed.mixers
     assert_same(base, before)
@@ -159,11 +167,27 @@ def test_a_variant_not_known_to_run_per_row_is_refused(batch_centered):
 
 
 def test_throughput_measures_the_three_ways_of_serving_the_same_rows():
-    from lora_lab.scaling import adapted_copies, mixed_batch_throughput
+    from lora_lab.experiments.scaling import adapted_copies, mixed_batch_throughput
 
     base = tiny_gpt()
     adapters = adapted_copies(base, LoRAConfig(r=2, alpha=4, targets=("q_proj",)), 3)
     rows = mixed_batch_throughput(base, adapters, rows_per_adapter=2, repeats=1)
-    assert [(r.how, r.passes) for r in rows] == [("one mixed batch", 1), ("one pass per adapter", 3),
-                                                  ("swap adapters on one base", 3)]
+    assert [(r.how, r.passes) for r in rows] == [
+        ("one mixed batch", 1),
+        ("one pass per adapter", 3),
+        ("swap adapters on one base", 3),
+    ]
     assert all(r.tokens_per_second > 0 for r in rows)
+
+
+def test_a_model_changed_after_adapters_were_added_is_refused_not_overwritten():
+    base = tiny_gpt()
+    mixed = MixedAdapterModel(base)
+    mixed.add("a", trained_adapter(base, seed=1))
+    apply_lora(base, LoRAConfig(r=2, targets=("q_proj",)))  # the user adapts the same model meanwhile
+    before = snapshot(base)
+    with pytest.raises(LoRAError, match="model was changed since adapters were added"):
+        mixed(tokens(batch=2), ["a", None])
+    assert_same(base, before)  # the user's LoRA layers are still there
+    with pytest.raises(LoRAError, match="model was changed"):
+        mixed.add("b", trained_adapter(tiny_gpt(), seed=2))

@@ -3,6 +3,7 @@
 Strict nbval compares every code cell's text output with the committed one, so the committed notebooks must
 be executed, error-free, and free of output that changes from run to run outside NBVAL_IGNORE_OUTPUT cells.
 """
+
 import json
 import re
 from pathlib import Path
@@ -124,14 +125,17 @@ def test_ends_with_self_checked_exercises(notebook):
     cells = nb["cells"]
     starts = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and "## Exercises" in source(c)]
     assert starts, f"{path.name} has no '## Exercises' section"
-    tail = cells[starts[-1]:]
+    tail = cells[starts[-1] :]
     later_sections = [
-        line for c in tail[1:] if c["cell_type"] == "markdown"
-        for line in source(c).splitlines() if re.match(r"#{1,2} ", line)
+        line
+        for c in tail[1:]
+        if c["cell_type"] == "markdown"
+        for line in source(c).splitlines()
+        if re.match(r"#{1,2} ", line)
     ]
     assert not later_sections, f"{path.name}: sections after the exercises: {later_sections}"
     checks = [c for c in tail if c["cell_type"] == "code" and "exercises.check_" in source(c)]
-    assert checks, f"{path.name}: the exercises never call a lora_lab.exercises checker"
+    assert checks, f"{path.name}: the exercises never call a lora_lab.course.exercises checker"
     assert all("assert" in source(c) for c in checks), f"{path.name}: a checked exercise does not assert its report"
 
 
@@ -170,14 +174,20 @@ def test_solutions_notebook_solves_every_checked_exercise():
     for cell in code_cells(solutions):
         for name in CHECKER_CALL.findall(source(cell)):
             solved[name] = cell
-    in_chapters = {name for path in numbered_notebooks() if path.stem in MEASURING_EXERCISES
-                   for c in exercise_check_cells(load(path))
-                   for name in CHECKER_CALL.findall(source(c))}
+    in_chapters = {
+        name
+        for path in numbered_notebooks()
+        if path.stem in MEASURING_EXERCISES
+        for c in exercise_check_cells(load(path))
+        for name in CHECKER_CALL.findall(source(c))
+    }
     missing = sorted(in_chapters - set(solved))
     assert not missing, f"solutions.ipynb has no worked solution for {missing}"
     for name in in_chapters:
         cell = solved[name]
-        assert re.search(r"^assert report\.ok$", source(cell), re.M), f"solutions.ipynb: {name}'s cell does not assert report.ok"
+        assert re.search(r"^assert report\.ok$", source(cell), re.M), (
+            f"solutions.ipynb: {name}'s cell does not assert report.ok"
+        )
         printed = "".join(output_text(o) for o in cell["outputs"])
         assert re.search(r"all \d+ checks passed", printed), f"solutions.ipynb: {name}'s committed report did not pass"
 

@@ -1,4 +1,5 @@
 """lora_lab <-> Hugging Face PEFT: the same LoRA math, and adapters that load in either library."""
+
 import copy
 import json
 import math
@@ -13,10 +14,20 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from safetensors.torch import load_file
 
-from lora_lab import (GPT, GPTConfig, LoRAConfig, LoRAError, LoRALinear, apply_lora, export_peft, import_peft,
-                      lora_layers, save_adapter)
-from lora_lab.files import CorruptFileError, OutputExistsError
-from lora_lab.peft_interop import require_peft
+from lora_lab import (
+    GPT,
+    GPTConfig,
+    LoRAConfig,
+    LoRAError,
+    LoRALinear,
+    apply_lora,
+    export_peft,
+    import_peft,
+    lora_layers,
+    save_adapter,
+)
+from lora_lab.storage.files import CorruptFileError, OutputExistsError
+from lora_lab.storage.peft_format import require_peft
 
 TINY = GPTConfig(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -31,8 +42,10 @@ def tokens(batch=3, seed=1) -> torch.Tensor:
 
 
 def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(n, type(m).__name__) for n, m in model.named_modules()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+    )
 
 
 def assert_same(model, snap):
@@ -46,8 +59,9 @@ def test_layer_conformance_with_peft(d, k, r, alpha, bias):
     torch.manual_seed(0)
     base = nn.Linear(k, d, bias=bias)
     ours = LoRALinear(copy.deepcopy(base), r=r, alpha=alpha)
-    theirs = PeftLoraLinear(copy.deepcopy(base), "default", config=LoraConfig(r=r, lora_alpha=alpha), r=r,
-                            lora_alpha=alpha)
+    theirs = PeftLoraLinear(
+        copy.deepcopy(base), "default", config=LoraConfig(r=r, lora_alpha=alpha), r=r, lora_alpha=alpha
+    )
     with torch.no_grad():
         ours.lora_B.normal_()
         theirs.lora_A["default"].weight.copy_(ours.lora_A)
@@ -78,7 +92,8 @@ def test_export_loads_in_peft_with_identical_logits(tmp_path):
     assert cfg["target_modules"] == sorted(lora_layers(model))
     keys = set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
     assert keys == {f"base_model.model.{n}.lora_{ab}.weight" for n in lora_layers(model) for ab in "AB"} | {
-        "base_model.model.ln_f.weight"}
+        "base_model.model.ln_f.weight"
+    }
 
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
     assert torch.equal(peft_model(x)[0], model(x)[0])  # scale 8 / 4 = 2: bit-identical (see conformance test)
@@ -91,8 +106,9 @@ def test_export_loads_in_peft_with_identical_logits(tmp_path):
 def test_import_peft_trained_adapter(tmp_path, modules_to_save):
     base = tiny_gpt()
     torch.manual_seed(5)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
-                        modules_to_save=modules_to_save)
+    config = LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], modules_to_save=modules_to_save
+    )
     peft_model = get_peft_model(copy.deepcopy(base), config)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     x = tokens()
@@ -106,8 +122,9 @@ def test_import_peft_trained_adapter(tmp_path, modules_to_save):
 
     model = import_peft(copy.deepcopy(base), tmp_path / "trained")
     assert model.lora_config.r == 4 and model.lora_config.alpha == 16.0
-    assert set(lora_layers(model)) == {f"blocks.{i}.{n}" for i in range(2) for n in
-                                       ("attn.q_proj", "attn.v_proj", "mlp.up_proj")}
+    assert set(lora_layers(model)) == {
+        f"blocks.{i}.{n}" for i in range(2) for n in ("attn.q_proj", "attn.v_proj", "mlp.up_proj")
+    }
     assert model.lora_config.trainable == tuple(modules_to_save or ())
     assert torch.equal(model(x)[0], peft_model(x)[0])  # scale 16 / 4 = 4: bit-identical
     assert not torch.equal(model(x)[0], base(x)[0])
@@ -128,6 +145,9 @@ def test_import_refuses_unsupported_or_corrupt(tmp_path):
         ({"peft_type": "IA3"}, CorruptFileError, "not a PEFT LoRA config"),
         ({"r": 0}, CorruptFileError, "rank r must be a positive integer"),
         ({"r": 3}, LoRAError, r"has shape \(2, 32\), this model needs \(3, 32\)"),
+        ({"use_rslora": True, "use_dora": True}, LoRAError, "no lora_lab variant is PEFT's LoRA with"),
+        ({"use_dora": "false"}, CorruptFileError, r"\{'use_dora': 'false'\} should be true or false"),
+        ({"init_lora_weights": "pissa"}, LoRAError, "init_lora_weights='pissa' are not plain LoRA"),
     ]:
         cfg_path.write_text(json.dumps({**json.loads(original), **edit}))
         with pytest.raises(error, match=message):
@@ -181,5 +201,12 @@ def test_export_refuses_non_finite_tensors(tmp_path):
     with torch.no_grad():
         lora_layers(model)["blocks.1.attn.q_proj"].lora_A[0, 0] = float("nan")
     with pytest.raises(LoRAError, match=r"base_model.model.blocks.1.attn.q_proj.lora_A.weight'\] contain NaN"):
+        export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_pissa_export_of_a_rank_peft_could_not_give_back_is_refused(tmp_path):
+    model = apply_lora(tiny_gpt(), LoRAConfig(r=20, targets=("q_proj",), variant="pissa"))  # PEFT rank 40 > 32
+    with pytest.raises(LoRAError, match=r"exports to PEFT as LoRA of rank 40, more than min\(d, k\) = 32 .*at most 16"):
         export_peft(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()

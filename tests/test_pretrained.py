@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lora_lab import GPTConfig, TrainConfig, pretrained_base
-from lora_lab.files import CorruptFileError, OutputExistsError
-from lora_lab.pretrained import cache_dir
+from lora_lab.experiments.pretrained import cache_dir
+from lora_lab.storage.files import CorruptFileError, OutputExistsError
 
 TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
 FAST = TrainConfig(max_iters=20, batch_size=4, eval_interval=10, eval_iters=2, warmup_iters=2, device="cpu")
@@ -103,3 +103,56 @@ def test_the_cached_base_loads_in_eval_mode(tmp_path, text_file):
     kwargs = dict(model_config=TINY, train_config=FAST, data_source=text_file, cache=tmp_path / "c", progress=False)
     pretrained_base(**kwargs)
     assert not pretrained_base(**kwargs).model.training
+
+
+def test_pretrain_config_is_the_preset_or_a_quick_run_of_it():
+    from lora_lab.experiments.pretrained import PRESETS, pretrain_config
+
+    assert pretrain_config("tiny") == PRESETS["tiny"][1]
+    quick = pretrain_config("tiny", 20)
+    assert (quick.max_iters, quick.warmup_iters, quick.eval_interval, quick.eval_iters) == (20, 2, 20, 2)
+    assert quick.learning_rate == PRESETS["tiny"][1].learning_rate and quick.keep_best
+    for bad in (0, -3, True, "20"):
+        with pytest.raises(ValueError, match="pretrain iters must be a positive integer"):
+            pretrain_config("tiny", bad)
+    with pytest.raises(ValueError, match="Unknown preset 'huge'"):
+        pretrain_config("huge")
+
+
+def _adapter_with_record(path, record):
+    from lora_lab import GPT, LoRAConfig, apply_lora, save_adapter
+
+    model = GPT(TINY.__class__(**{**TINY.to_dict(), "vocab_size": 12}))
+    apply_lora(model, LoRAConfig(r=2, targets=("q_proj",)))
+    return save_adapter(model, path, metadata=None if record is None else {"base": record})
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"preset": "huge"}, "names preset 'huge'"),
+        ({"preset": "tiny", "pretrain_iters": 10**9}, "pretrain_iters 1000000000; expected null or an integer 1..2000"),
+        ({"preset": "tiny", "pretrain_iters": "20"}, "pretrain_iters '20'"),
+        ({"preset": "tiny", "pretrain_iters": True}, "pretrain_iters True"),
+        ({"preset": "tiny", "vocab": 7}, "a vocab of type int; expected text"),
+    ],
+)
+def test_an_adapters_base_record_is_checked_before_it_is_acted_on(tmp_path, record, message):
+    from lora_lab.experiments.pretrained import adapter_provenance
+
+    adapter = _adapter_with_record(tmp_path / "a", record)
+    with pytest.raises(CorruptFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        adapter_provenance(adapter)
+
+
+def test_an_adapters_base_record_from_metadata_or_the_old_side_file(tmp_path):
+    import json
+
+    from lora_lab.experiments.pretrained import LEGACY_BASE_RECORD, adapter_provenance
+
+    good = {"preset": "tiny", "pretrain_iters": 20, "checkpoint": "/somewhere", "vocab": "abc"}
+    assert adapter_provenance(_adapter_with_record(tmp_path / "a", good)) == good
+    old = _adapter_with_record(tmp_path / "b", None)
+    assert adapter_provenance(old) == {}
+    (old / LEGACY_BASE_RECORD).write_text(json.dumps({"preset": "tiny", "pretrain_iters": 20, "base_checkpoint": "/x"}))
+    assert adapter_provenance(old) == {"preset": "tiny", "pretrain_iters": 20, "checkpoint": "/x", "vocab": None}

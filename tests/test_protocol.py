@@ -1,5 +1,6 @@
 """The comparison protocol: the exact estimator, the training loop it shares with train(), the learning-rate
 sweep, seeds and spreads, the noise line and the run cache. Runs on the tiny synthetic base of test_finetune."""
+
 import json
 import math
 import statistics
@@ -7,16 +8,28 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from test_finetune import setup  # noqa: F401 (the module-scoped synthetic base)
 
 from lora_lab import GPT, LoRAConfig, apply_lora, train
-from lora_lab.files import CorruptFileError
-from lora_lab.protocol import (
-    Comparison, Method, MethodResult, Run, above_noise, compare, comparison_figure, curve_steps, delta_norm_rows, encode,
-    equal_budget_ranks, full_method, lora_method, lr_ratio, mean_spread, plot_comparison, protocol_train_config,
-    run_once, runs_dir, split_scores, task_scores, train_with_curve,
+from lora_lab.digests import json_digest
+from lora_lab.experiments.estimator import curve_steps, encode_task, split_scores, task_scores
+from lora_lab.experiments.finetune import train_with_curve
+from lora_lab.experiments.protocol import (
+    Comparison,
+    Method,
+    MethodResult,
+    above_noise,
+    compare,
+    full_method,
+    lora_method,
+    mean_spread,
+    protocol_train_config,
 )
+from lora_lab.experiments.reports import comparison_figure, plot_comparison
+from lora_lab.experiments.runs import Run, model_digest, run_once, runs_dir
+from lora_lab.experiments.studies import delta_norm_rows, equal_budget_ranks, lr_ratio
+from lora_lab.storage.files import CorruptFileError
 from lora_lab.tasks import make_task
-from test_finetune import setup  # noqa: F401 (the module-scoped synthetic base)
 
 SHORT = dict(steps=12, eval_chars=600)
 
@@ -26,15 +39,17 @@ def test_split_scores_is_the_exact_loss_of_every_character_once(tiny_config):
     model = GPT(tiny_config)
     T = tiny_config.block_size
     tokens = torch.randint(tiny_config.vocab_size, (3 * T + 7,))  # 3 full windows and a 6-character tail
-    logits = torch.cat([model(tokens[i: i + T][None])[0][0] for i in range(0, 3 * T, T)]
-                       + [model(tokens[3 * T: -1][None])[0][0]])  # (len - 1, vocab)
+    logits = torch.cat(
+        [model(tokens[i : i + T][None])[0][0] for i in range(0, 3 * T, T)] + [model(tokens[3 * T : -1][None])[0][0]]
+    )  # (len - 1, vocab)
     targets = tokens[1:]
     scores = split_scores(model, tokens, eval_chars=None)
     assert scores["loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
     assert scores["accuracy"] == pytest.approx((logits.argmax(-1) == targets).float().mean().item())
     # eval_chars keeps a prefix: the score of the first 2 windows only
     assert split_scores(model, tokens, eval_chars=2 * T)["loss"] == pytest.approx(
-        F.cross_entropy(logits[: 2 * T], targets[: 2 * T]).item(), rel=1e-6)
+        F.cross_entropy(logits[: 2 * T], targets[: 2 * T]).item(), rel=1e-6
+    )
     with pytest.raises(ValueError, match="at least 2 tokens"):
         split_scores(model, tokens[:1])
 
@@ -42,7 +57,7 @@ def test_split_scores_is_the_exact_loss_of_every_character_once(tiny_config):
 def test_the_curve_loop_trains_exactly_like_train_and_starts_at_the_base(setup):
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
-    data = encode(task, tokenizer)
+    data = encode_task(task, tokenizer)
     cfg = protocol_train_config(False, 5e-3, seed=3, steps=20)
     models = []
     for _ in range(2):
@@ -75,18 +90,35 @@ def test_mean_spread_and_the_noise_rule():
 
 
 def _fake_run(label, lr, seed, target, source=1.0):
-    return Run(label, lr, seed, [{"step": 0, "target": 3.0, "target_accuracy": 0.1, "source": 1.0},
-                                 {"step": 9, "target": target, "target_accuracy": 0.5, "source": source}],
-               {"m": 1.0}, 10, 0.1)
+    return Run(
+        label,
+        lr,
+        seed,
+        [
+            {"step": 0, "target": 3.0, "target_accuracy": 0.1, "source": 1.0},
+            {"step": 9, "target": target, "target_accuracy": 0.5, "source": source},
+        ],
+        {"m": 1.0},
+        10,
+        0.1,
+    )
 
 
 def test_table_has_a_base_row_mean_and_std_and_a_noise_line(setup):
     _, _, splits = setup
     a, b = lora_method(2, learning_rates=[1e-3]), full_method([1e-4])
-    comp = Comparison(make_task("shout", splits), {"target": 3.0, "target_accuracy": 0.1, "source": 1.0}, [
-        MethodResult(a, 1e-3, {1e-3: 2.0}, [_fake_run(a.label, 1e-3, s, t) for s, t in enumerate((2.0, 2.1, 2.2))]),
-        MethodResult(b, 1e-4, {1e-4: 2.5}, [_fake_run(b.label, 1e-4, s, t) for s, t in enumerate((2.15, 2.3, 2.4))]),
-    ], (0, 1, 2), 9)
+    comp = Comparison(
+        make_task("shout", splits),
+        {"target": 3.0, "target_accuracy": 0.1, "source": 1.0},
+        [
+            MethodResult(a, 1e-3, {1e-3: 2.0}, [_fake_run(a.label, 1e-3, s, t) for s, t in enumerate((2.0, 2.1, 2.2))]),
+            MethodResult(
+                b, 1e-4, {1e-4: 2.5}, [_fake_run(b.label, 1e-4, s, t) for s, t in enumerate((2.15, 2.3, 2.4))]
+            ),
+        ],
+        (0, 1, 2),
+        9,
+    )
     rows = comp.rows()
     assert [r["method"] for r in rows] == ["base", "LoRA r=2", "full FT"]
     assert rows[0]["target loss"] == "3.0000"
@@ -102,8 +134,15 @@ def test_table_has_a_base_row_mean_and_std_and_a_noise_line(setup):
 def test_compare_picks_the_best_rate_of_the_grid_and_runs_every_seed(setup, tmp_path):
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
-    comp = compare(base, task, tokenizer, [lora_method(2, learning_rates=[1e-6, 1e-2])], seeds=(0, 1, 2),
-                   cache=tmp_path / "cache", **SHORT)
+    comp = compare(
+        base,
+        task,
+        tokenizer,
+        [lora_method(2, learning_rates=[1e-6, 1e-2])],
+        seeds=(0, 1, 2),
+        cache=tmp_path / "cache",
+        **SHORT,
+    )
     (res,) = comp.results
     assert res.sweep[1e-2] < res.sweep[1e-6]  # a rate of 1e-6 barely moves in 12 steps
     assert res.chosen_lr == 1e-2 == min(res.sweep, key=res.sweep.get)
@@ -143,24 +182,50 @@ def test_the_run_cache_hits_with_identical_numbers_and_misses_on_any_change(setu
         assert not again.from_cache
     other_base = GPT(base.config)
     assert not run_once(other_base, task, tokenizer, lora, cfg, eval_chars=400, cache=tmp_path).from_cache
-    assert not run_once(base, make_task("rot13", splits), tokenizer, lora, cfg, eval_chars=400,
-                        cache=tmp_path).from_cache
+    assert not run_once(
+        base, make_task("rot13", splits), tokenizer, lora, cfg, eval_chars=400, cache=tmp_path
+    ).from_cache
     assert len(list(runs_dir(tmp_path).glob("*.json"))) == 1 + 6
     # cache=False neither reads nor writes
     assert not run_once(base, task, tokenizer, lora, cfg, eval_chars=400, cache=False).from_cache
     # a damaged entry is named, not silently retrained over or trusted, and left as it is
-    (damaged,) = [p for p in runs_dir(tmp_path).glob("*.json") if p.read_text() == json.dumps(first.to_dict(),
-                                                                                             indent=2, sort_keys=True)]
-    damaged.write_text("{not json")
-    with pytest.raises(CorruptFileError, match=f"cached run .*{damaged.name}.*delete that file"):
-        run_once(base, task, tokenizer, lora, cfg, eval_chars=400, cache=tmp_path)
-    assert damaged.read_text() == "{not json"
+    entries = [p for p in runs_dir(tmp_path).glob("*.json") if p.name != ".lora_lab_output.json"]
+    (damaged,) = [p for p in entries if json.loads(p.read_text())["run"] == first.to_dict()]
+    good = json.loads(damaged.read_text())
+
+    def edited(change):
+        record = json.loads(json.dumps(good))
+        change(record)
+        return json.dumps(record)
+
+    def set_point(record, **point):
+        record["run"]["curve"][-1] = point
+
+    for text in [
+        "{not json",
+        edited(lambda r: r["run"]["curve"][-1].update(target=0.0123)),  # a better number typed in: checksum
+        edited(lambda r: r["run"]["curve"].clear() or r.update(checksum=json_digest(r["run"]))),
+        edited(lambda r: set_point(r, step=8, source=1.0) or r.update(checksum=json_digest(r["run"]))),
+        edited(lambda r: r.update(version=3)),
+        json.dumps(first.to_dict()),  # an entry as lora_lab wrote it before entries were checked
+    ]:
+        damaged.write_text(text)
+        with pytest.raises(CorruptFileError, match=f"cached run .*{damaged.name}.*delete that file"):
+            run_once(base, task, tokenizer, lora, cfg, eval_chars=400, cache=tmp_path)
+        assert damaged.read_text() == text  # refused, and left as it is
 
 
 def test_full_finetuning_delta_norms_and_equal_budget_ranks(setup, tiny_config):
     base, tokenizer, splits = setup
-    run = run_once(base, make_task("shout", splits), tokenizer, None, protocol_train_config(True, 1e-3, steps=5),
-                   eval_chars=300, cache=False)
+    run = run_once(
+        base,
+        make_task("shout", splits),
+        tokenizer,
+        None,
+        protocol_train_config(True, 1e-3, steps=5),
+        eval_chars=300,
+        cache=False,
+    )
     assert run.trainable_params == base.num_parameters()
     assert any(name.endswith("q_proj.weight") for name in run.delta_norms) and min(run.delta_norms.values()) > 0
     model = GPT(tiny_config)  # 2 blocks of 32 dims: attention 4 x (32 + 32), MLP (32 + 128) x 2 per block
@@ -182,7 +247,7 @@ def test_bad_protocol_input_is_named(setup):
 
 def test_finetune_is_one_protocol_run(setup):
     """finetune's default path and a protocol run of the same config give the same curve: one estimator."""
-    from lora_lab.finetune import finetune, finetune_config
+    from lora_lab.experiments.finetune import finetune, finetune_config
 
     base, tokenizer, splits = setup
     task = make_task("rot13", splits)
@@ -191,10 +256,26 @@ def test_finetune_is_one_protocol_run(setup):
     run = run_once(base, task, tokenizer, lora, cfg, eval_chars=300, cache=False)
     assert res.curve == run.curve
     assert res.losses == {"target": run.final["target"], "source": run.final["source"]}
+    for variant in ("dora", "pissa"):  # every variant too, and the label names the variant
+        lora = LoRAConfig(r=2, alpha=4.0, variant=variant)
+        res = finetune(base, task, tokenizer, lora, cfg, progress=False, eval_chars=300)
+        run = run_once(base, task, tokenizer, lora, cfg, eval_chars=300, cache=False)
+        assert res.curve == run.curve and run.method == res.label == f"{variant} r=2"
+    assert Method(LoRAConfig(r=4, variant="dora"), (1e-3,)).label == "dora r=4"
+
+
+def test_the_base_digest_follows_the_weights_and_the_config(setup):
+    base, _, _ = setup
+    same = GPT(base.config)
+    same.load_state_dict(base.state_dict())
+    assert model_digest(same) == model_digest(base)
+    with torch.no_grad():
+        same.lm_head.weight[0, 0] += 1e-3
+    assert model_digest(same) != model_digest(base)
 
 
 def test_the_chapter_studies_run_what_they_say(setup, tmp_path):
-    from lora_lab.protocol import attention_vs_mlp, lora_vs_full, norm_by_rank
+    from lora_lab.experiments.studies import attention_vs_mlp, lora_vs_full, norm_by_rank
 
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
@@ -216,17 +297,40 @@ def test_the_chapter_studies_run_what_they_say(setup, tmp_path):
 
 
 def test_cli_compare_writes_the_table_the_runs_and_the_curves(tmp_path, capsys):
-    from lora_lab.cli import main
     from test_tasks import write_synthetic_corpus
+
+    from lora_lab.cli import main
 
     source = write_synthetic_corpus(tmp_path / "input.txt")
     out = tmp_path / "compare"
-    argv = ["compare", "--data", source, "--cache", tmp_path / "cache", "--pretrain-iters", "20", "--device", "cpu",
-            "--quiet", "--task", "shout", "--rank", "2", "--steps", "4", "--out", out]
+    argv = [
+        "compare",
+        "--data",
+        source,
+        "--cache",
+        tmp_path / "cache",
+        "--pretrain-iters",
+        "20",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--task",
+        "shout",
+        "--rank",
+        "2",
+        "--steps",
+        "4",
+        "--out",
+        out,
+    ]
     assert main([str(a) for a in argv]) == 0
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == [".lora_lab_output.json", "comparison.json", "comparison.md",
-                                                     "curves.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lora_lab_output.json",
+        "comparison.json",
+        "comparison.md",
+        "curves.png",
+    ]
     record = json.loads((out / "comparison.json").read_text())
     assert [m["label"] for m in record["methods"]] == ["LoRA r=2", "full FT"]
     assert [len(m["runs"]) for m in record["methods"]] == [3, 3] and record["seeds"] == [0, 1, 2]

@@ -1,10 +1,12 @@
 """sample_text: one seeded sampler for the CLI, the widgets and the notebooks."""
+
 from dataclasses import replace
 
 import pytest
 import torch
 
-from lora_lab import GPT, CharTokenizer, LoRAConfig, apply_lora, widgets
+from lora_lab import GPT, CharTokenizer, LoRAConfig, apply_lora
+from lora_lab.course import widgets
 from lora_lab.sampling import sample_text
 
 VOCAB = "\nabcdefghijklmnop"  # 17 characters: tiny_config's vocab_size

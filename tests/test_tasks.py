@@ -3,6 +3,7 @@
 They run on the real dataset ($LORA_LAB_DATA); without it, on a small synthetic corpus in the same
 "SPEAKER:\\nlines\\n\\n" shape, so the tests never need the network.
 """
+
 import os
 import random
 import string
@@ -12,7 +13,16 @@ import pytest
 
 from lora_lab import load_splits
 from lora_lab.tasks import (
-    METRICS, ROMEO_JULIET_ONLY, TASKS, Task, make_task, play_span, rot13_text, source_domain, speaker_of, split_turns,
+    METRICS,
+    ROMEO_JULIET_ONLY,
+    TASKS,
+    Task,
+    make_task,
+    play_span,
+    rot13_text,
+    source_domain,
+    speaker_of,
+    split_turns,
 )
 
 
@@ -25,8 +35,10 @@ def write_synthetic_corpus(path, n_turns: int = 3000, seed: int = 0):
     words = "the and of love night fair sword king crown death lord my thy thee heaven quick zeal joy vex".split()
 
     def speech(speaker):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + rng.choice(".,!?;")
-                 for _ in range(rng.randint(1, 3))]
+        lines = [
+            " ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + rng.choice(".,!?;")
+            for _ in range(rng.randint(1, 3))
+        ]
         return speaker + ":\n" + "\n".join(lines)
 
     turns = ["ALPHABET:\n" + string.ascii_letters + " .,;:!?'-"]

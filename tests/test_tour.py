@@ -1,15 +1,18 @@
 """The tour's library parts: the output folder check, the merge check, and the report's renderings."""
+
 from dataclasses import replace
 
 import pytest
 import torch
+from test_finetune import setup  # noqa: F401 (the module-scoped synthetic base)
 
 from lora_lab import GPT, LoRAConfig, apply_lora
-from lora_lab.files import OutputExistsError
-from lora_lab.finetune import finetune, finetune_config, loss_curves_figure, loss_rows, plot_loss_curves
+from lora_lab.course.tour import check_tour_output, max_logit_gap
+from lora_lab.experiments.defaults import finetune_config
+from lora_lab.experiments.finetune import finetune
+from lora_lab.experiments.reports import loss_curves_figure, loss_rows, plot_loss_curves
+from lora_lab.storage.files import OutputExistsError
 from lora_lab.tasks import make_task
-from lora_lab.tour import check_tour_output, max_logit_gap
-from test_finetune import setup  # noqa: F401 (the module-scoped synthetic base)
 
 
 def test_tour_output_is_claimed_once_and_reused_but_never_a_users_folder(tmp_path):
@@ -47,10 +50,26 @@ def test_loss_curves_points_are_the_table_numbers(setup, tmp_path):
     """Step 0 of every curve sits on the base line, and the last points are the table's final losses."""
     base, tokenizer, splits = setup
     task = make_task("shout", splits)
-    results = [finetune(base, task, tokenizer, LoRAConfig(r=2, alpha=4.0), finetune_config(max_iters=12, device="cpu"),
-                        progress=False, eval_chars=300),
-               finetune(base, task, tokenizer, None, finetune_config(full=True, max_iters=12, device="cpu"),
-                        progress=False, eval_chars=300)]
+    results = [
+        finetune(
+            base,
+            task,
+            tokenizer,
+            LoRAConfig(r=2, alpha=4.0),
+            finetune_config(max_iters=12, device="cpu"),
+            progress=False,
+            eval_chars=300,
+        ),
+        finetune(
+            base,
+            task,
+            tokenizer,
+            None,
+            finetune_config(full=True, max_iters=12, device="cpu"),
+            progress=False,
+            eval_chars=300,
+        ),
+    ]
     rows = {row["model"]: row for row in loss_rows(results, base.num_parameters())}
     fig = loss_curves_figure(results)
     target_ax, source_ax = fig.axes

@@ -263,6 +263,7 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_a_note(tiny_config, mo
     def broken_compile(model, *args, **kwargs):
         def forward(*a, **k):
             raise RuntimeError("no C++ compiler here")
+
         return forward
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -284,7 +285,7 @@ def test_compile_is_off_by_default(tiny_config, monkeypatch):
 def test_cpu_bf16_autocast_follows_the_hardware():
     from contextlib import nullcontext
 
-    from lora_lab.train import autocast_for, cpu_has_native_bf16
+    from lora_lab.devices import autocast_for, cpu_has_native_bf16
 
     ctx = autocast_for(torch.device("cpu"))
     assert isinstance(ctx, torch.autocast) == cpu_has_native_bf16()
@@ -295,8 +296,12 @@ def test_cpu_bf16_autocast_follows_the_hardware():
 def test_cuda_compiled_fused_bf16_training_learns(tiny_config):
     torch.manual_seed(0)
     model = GPT(tiny_config)
-    cfg = TrainConfig(**{**FAST, "device": "cuda", "max_iters": 150, "eval_interval": 50}, learning_rate=3e-3,
-                      compile=True, fused_optimizer=True)
+    cfg = TrainConfig(
+        **{**FAST, "device": "cuda", "max_iters": 150, "eval_interval": 50},
+        learning_rate=3e-3,
+        compile=True,
+        fused_optimizer=True,
+    )
     res = train(model, _data(), _data(seed=1), cfg, progress=False)
     assert res.notes == []  # compiled for real, no fallback
     assert res.evals[-1]["val"] < res.evals[0]["val"] - 0.5
@@ -314,8 +319,15 @@ def test_cuda_activation_checkpointing_lowers_peak_memory():
         model = GPT(config)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        cfg = TrainConfig(max_iters=2, batch_size=32, eval_interval=2, eval_iters=1, device="cuda",
-                          activation_checkpointing=ckpt, compile=False)
+        cfg = TrainConfig(
+            max_iters=2,
+            batch_size=32,
+            eval_interval=2,
+            eval_iters=1,
+            device="cuda",
+            activation_checkpointing=ckpt,
+            compile=False,
+        )
         train(model, torch.arange(5000) % 65, None, cfg, progress=False)
         peaks[ckpt] = torch.cuda.max_memory_allocated()
         del model
@@ -348,5 +360,4 @@ def test_score_replaces_the_estimate_at_exactly_the_score_steps(tiny_config):
     with pytest.raises(ValueError, match="score_steps"):
         train(GPT(tiny_config), data, None, cfg, progress=False, score=score)
     with pytest.raises(ValueError, match="keep_best"):
-        train(GPT(tiny_config), data, data, replace(cfg, keep_best=True), progress=False, score=score,
-              score_steps=[0])
+        train(GPT(tiny_config), data, data, replace(cfg, keep_best=True), progress=False, score=score, score_steps=[0])

@@ -1,26 +1,46 @@
 """LoRA variants as plug-ins: one contract suite over the registry, plus what each variant's paper says."""
+
 import copy
 import json
-import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
-
-from lora_lab import (VARIANTS, AdapterBank, GPT, LoRAConfig, LoRAError, LoRALinear, TrainConfig, apply_lora,
-                      check_variant, export_peft, import_peft, load_adapter, lora_layers, merge_lora,
-                      parameter_report, register_variant, save_adapter, set_lora_enabled, unmerge_lora)
-from lora_lab import cli, widgets
-from lora_lab.contract import CHECKS, CONTRACT_MODEL
-from lora_lab.lora import formula_value, lora_plus_parameters
-from lora_lab.train import LoRAPlusAdamW, make_optimizer
-from lora_lab.variants import BUILTIN_VARIANTS
-from lora_lab.variants.vera import shared_pair
 from tiny_models import TINY, assert_same, snapshot, tiny_gpt, tokens
 
+from lora_lab import (
+    GPT,
+    VARIANTS,
+    AdapterBank,
+    LoRAConfig,
+    LoRAError,
+    LoRALinear,
+    TrainConfig,
+    apply_lora,
+    check_variant,
+    cli,
+    export_peft,
+    import_peft,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    parameter_report,
+    register_variant,
+    save_adapter,
+    set_lora_enabled,
+    unmerge_lora,
+)
+from lora_lab.course import numerics, widgets
+from lora_lab.lora import lora_plus_parameters
+from lora_lab.train import LoRAPlusAdamW, make_optimizer
+from lora_lab.variants.contract import CHECKS
+from lora_lab.variants.vera import shared_pair
+
 PEFT_VARIANTS = ("lora", "rslora", "dora", "pissa")
+# The built-ins: what the package itself registers (a variant's module says where it lives)
+BUILTIN_VARIANTS = tuple(sorted(n for n, cls in VARIANTS.items() if cls.__module__.startswith("lora_lab.")))
 
 
 @pytest.fixture
@@ -51,7 +71,7 @@ def logits(model, x):
 
 
 def test_the_builtins_are_registered():
-    assert set(BUILTIN_VARIANTS) <= set(VARIANTS)
+    assert {"lora", "rslora", "dora", "pissa", "vera", "lora_fa"} <= set(BUILTIN_VARIANTS)
     assert LoRAConfig().variant == "lora" and VARIANTS["lora"] is LoRALinear
 
 
@@ -70,13 +90,19 @@ def test_contract(name, capsys):
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_docstring_formula_equals_the_real_count(name):
+def test_parameter_count_equals_the_real_count_and_the_docstring_formula(name):
     cls = VARIANTS[name]
     assert cls.parameter_formula in cls.__doc__
-    for d, k, r in [(12, 20, 3), (20, 12, 1), (16, 16, 8)]:
+    for d, k, r in [(12, 20, 3), (20, 12, 1), (16, 16, 8), (7, 5, 5)]:
         layer = cls(nn.Linear(k, d), r, 4.0)
-        real = sum(p.numel() for n, p in layer.named_parameters() if not n.startswith("base."))
-        assert real == formula_value(cls.parameter_formula, d, k, r), (name, d, k, r)
+        real = sum(p.numel() for n, p in layer.named_parameters() if not n.startswith("base.") and p.requires_grad)
+        assert real == cls.parameter_count(d, k, r), (name, d, k, r)
+        # the formula text says the same thing (read here with d, k, r bound; the library never evaluates it)
+        assert eval(cls.parameter_formula, {"__builtins__": {}}, {"d": d, "k": k, "r": r}) == real, (name, d, k, r)
+        model = apply_lora(GPT(TINY), LoRAConfig(r=min(r, 4), variant=name, targets=("q_proj", "up_proj")))
+        for row in parameter_report(model).rows:
+            assert row.lora_params == cls.parameter_count(row.d, row.k, row.r)
+        assert parameter_report(model).lora_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # --- a broken variant fails the checker, each guarantee for its own reason -------------------------
@@ -102,15 +128,18 @@ def _forgets_scale(self):
 
 def _extra_param_init(self, base, r, alpha, dropout=0.0, init="gaussian"):
     LoRALinear.__init__(self, base, r, alpha, dropout, init)
-    self.unused = nn.Parameter(torch.zeros(3))  # trained (and counted) but not in the formula
+    self.unused = nn.Parameter(torch.zeros(3, dtype=base.weight.dtype))  # trained (and counted), not in the formula
 
 
-@pytest.mark.parametrize("variant, fails", [
-    (toy("noisy_start", __init__=_random_B_init), {"output = base at step 0"}),
-    (toy("no_switch", forward=_ignores_switch), {"disable = original base", "merge / unmerge"}),
-    (toy("no_scale", delta_weight=_forgets_scale), {"merge / unmerge"}),
-    (toy("extra_param", __init__=_extra_param_init), {"parameter report", "gradients"}),
-])
+@pytest.mark.parametrize(
+    "variant, fails",
+    [
+        (toy("noisy_start", __init__=_random_B_init), {"output = base at step 0"}),
+        (toy("no_switch", forward=_ignores_switch), {"disable = original base", "merge / unmerge"}),
+        (toy("no_scale", delta_weight=_forgets_scale), {"merge / unmerge"}),
+        (toy("extra_param", __init__=_extra_param_init), {"parameter report", "gradients"}),
+    ],
+)
 def test_a_broken_variant_fails_and_says_why(variant, fails, scratch_variants, capsys):
     report = check_variant(variant)
     printed = capsys.readouterr().out
@@ -133,8 +162,13 @@ def test_a_notebook_sized_variant(scratch_variants):
 
         Trainable parameters per layer: r*(d+k)+r
         """
+
         variant = "gated"
         parameter_formula = "r*(d+k)+r"
+
+        @classmethod
+        def parameter_count(cls, d, k, r):
+            return r * (d + k) + r
 
         def __init__(self, base, r, alpha, dropout=0.0, init="gaussian"):
             super().__init__(base, r, alpha, dropout, init)
@@ -157,6 +191,30 @@ def test_a_notebook_sized_variant(scratch_variants):
         register_variant(type("Fake", (LoRALinear,), {"__doc__": "r*(d+k)", "variant": "dora"}))
 
 
+def test_a_new_formula_needs_its_own_parameter_count(scratch_variants):
+    gated = type(
+        "Gated", (LoRALinear,), {"__doc__": "Counts r*(d+k)+r", "variant": "gated2", "parameter_formula": "r*(d+k)+r"}
+    )
+    with pytest.raises(LoRAError, match=r"inherits parameter_count from LoRALinear \('r\*\(d\+k\)'\); define"):
+        register_variant(gated)
+    gated.parameter_count = classmethod(lambda cls, d, k, r: r * (d + k) + r)
+    assert register_variant(gated) is gated and gated.parameter_count(3, 4, 2) == 16
+    broken = type(
+        "Broken", (gated,), {"__doc__": "r*(d+k)+r", "variant": "broken2", "parameter_count": lambda self, d, k, r: 1}
+    )
+    with pytest.raises(LoRAError, match=r"Broken.parameter_count\(d=8, k=6, r=2\) raised TypeError"):
+        register_variant(broken)  # not a classmethod: called on the class, it fails
+
+
+def test_rows_independent_is_a_claim_each_forward_makes():
+    assert all(VARIANTS[n].rows_independent is True for n in BUILTIN_VARIANTS)  # each built-in computes rows alone
+    same_forward = type("SameForward", (LoRALinear,), {})
+    own_forward = type("OwnForward", (LoRALinear,), {"forward": lambda self, x: self.base(x)})
+    claimed = type("Claimed", (own_forward,), {"rows_independent": True})
+    assert same_forward.rows_independent and not own_forward.rows_independent and claimed.rows_independent
+    assert not type("Later", (claimed,), {"forward": claimed.forward}).rows_independent  # a new forward: a new claim
+
+
 # --- settings -----------------------------------------------------------------------------------------
 
 
@@ -165,8 +223,13 @@ def test_bad_variant_settings_are_refused_clearly():
         LoRAConfig(variant="doraa")
     with pytest.raises(LoRAError, match=r"Variant 'lora' has no option\(s\) \['vera_seed'\]; its options: none"):
         LoRAConfig(options={"vera_seed": 1})
-    with pytest.raises(LoRAError, match="vera_seed must be a non-negative integer, got -1"):
+    with pytest.raises(LoRAError, match=r"vera_seed must be a non-negative integer below 2\*\*32, got -1"):
         LoRAConfig(variant="vera", options={"vera_seed": -1})
+    with pytest.raises(LoRAError, match="below 2"):
+        LoRAConfig(variant="vera", options={"vera_seed": 2**62})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(LoRAError, match="option d_init must be a finite number"):
+            LoRAConfig(variant="vera", options={"d_init": bad})
     with pytest.raises(LoRAError, match="option vera_seed must be a int, got 1.5"):
         LoRAConfig(variant="vera", options={"vera_seed": 1.5})
     assert LoRAConfig(variant="vera", options={"d_init": 1}).options == {"vera_seed": 0, "d_init": 1}
@@ -273,8 +336,7 @@ def test_lora_fa_trains_only_B():
     model = apply_lora(tiny_gpt(), LoRAConfig(r=2, variant="lora_fa"))
     layer = lora_layers(model)["blocks.0.attn.q_proj"]
     assert "lora_A" in dict(layer.named_buffers()) and "lora_A" not in dict(layer.named_parameters())
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        f"{n}.lora_B" for n in lora_layers(model)}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"{n}.lora_B" for n in lora_layers(model)}
     assert parameter_report(model).lora_params == len(lora_layers(model)) * 2 * TINY.n_embd
 
 
@@ -328,13 +390,15 @@ def test_adapter_config_names_the_variant_and_its_options(tmp_path):
 # --- LoRA+ ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, fast", [("lora", {"lora_B"}), ("dora", {"lora_B", "lora_magnitude"}),
-                                        ("vera", {"vera_b"})])
+@pytest.mark.parametrize(
+    "name, fast", [("lora", {"lora_B"}), ("dora", {"lora_B", "lora_magnitude"}), ("vera", {"vera_b"})]
+)
 def test_lora_plus_trains_B_at_ratio_times_the_rate(name, fast):
     model = apply_lora(tiny_gpt(), LoRAConfig(r=2, variant=name))
     layer = lora_layers(model)["blocks.0.attn.q_proj"]
     assert {id(p) for p in lora_plus_parameters(model)} == {
-        id(p) for l in lora_layers(model).values() for n, p in l.named_parameters() if n in fast}
+        id(p) for l in lora_layers(model).values() for n, p in l.named_parameters() if n in fast
+    }
     trained(model)
     x = tokens()
     moves = {}
@@ -348,19 +412,25 @@ def test_lora_plus_trains_B_at_ratio_times_the_rate(name, fast):
         m(x, x)[1].backward()
         opt.step()
         after = dict(lora_layers(m)["blocks.0.attn.q_proj"].named_parameters())
-        moves[ratio] = {n: (after[n] - p).abs().max().item() for n, p in layer.named_parameters()
-                        if p.requires_grad}
+        moves[ratio] = {n: (after[n] - p).abs().max().item() for n, p in layer.named_parameters() if p.requires_grad}
         assert all(g["lr"] == 1e-3 for g in opt.param_groups)  # the schedule's value is left in place
     for n in moves[None]:  # Adam's first step moves each weight by ~lr: 16x that for B
         expected = 16.0 if n in fast else 1.0
         assert moves[16.0][n] == pytest.approx(expected * moves[None][n], rel=1e-3), n
 
 
-def test_lora_plus_settings_are_checked():
+def test_lora_plus_settings_are_checked(scratch_variants):
     with pytest.raises(ValueError, match="lora_plus_ratio must be None"):
         TrainConfig(lora_plus_ratio=0)
     with pytest.raises(ValueError, match="no LoRA B tensors"):
         make_optimizer(tiny_gpt(), TrainConfig(lora_plus_ratio=16.0))
+    # a variant whose lora_plus_names match none of its trained tensors is named, with its names
+    register_variant(toy("up_down", lora_plus_names=("lora_up",)))
+    model = apply_lora(tiny_gpt(), LoRAConfig(r=2, variant="up_down"))
+    before = snapshot(model)
+    with pytest.raises(LoRAError, match=r"variant 'up_down' names \('lora_up',\) and its layer .* trains"):
+        make_optimizer(model, TrainConfig(lora_plus_ratio=16.0))
+    assert_same(model, before)
 
 
 # --- CLI and widgets ---------------------------------------------------------------------------------
@@ -376,17 +446,24 @@ def test_cli_variant_options(tmp_path, monkeypatch, capsys):
     assert cli.main(["finetune", "--vera-seed", "3"]) == 2
     assert "Variant 'lora' has no option(s) ['vera_seed']" in capsys.readouterr().err
     assert cli.main(["finetune", "--full", "--lora-plus", "4"]) == 2
-    assert "does not apply to --full" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--lora-plus" in err and "--full" in err
     assert cli.main(["finetune", "--variant", "nope"]) == 2
     assert not any(tmp_path.iterdir())  # refused before anything was loaded or written
 
 
 def test_counts_in_widgets_come_from_the_variants(tiny_config):
-    assert widgets.lora_params(12, 20, 3, "dora") == 3 * 32 + 12
-    assert widgets.lora_params(12, 20, 3) == 3 * 32 and widgets.lora_params(12, 20, 3, "vera") == 15
+    assert numerics.lora_params(12, 20, 3, "dora") == 3 * 32 + 12
+    assert numerics.lora_params(12, 20, 3) == 3 * 32 and numerics.lora_params(12, 20, 3, "vera") == 15
     seen = []
-    dash = widgets.RankDashboard(GPT(tiny_config), ranks=(1, 2), r=2, groups=("Wq",), include_full=False,
-                                 evaluate=lambda lora: seen.append(lora) or {"target": 2.0, "source": 1.0})
+    dash = widgets.RankDashboard(
+        GPT(tiny_config),
+        ranks=(1, 2),
+        r=2,
+        groups=("Wq",),
+        include_full=False,
+        evaluate=lambda lora: seen.append(lora) or {"target": 2.0, "source": 1.0},
+    )
     assert dash.current.variant == "lora"
     dash.variant.value = "pissa"
     assert seen[-1].variant == "pissa" and dash.current.variant == "pissa" and "pissa r=2" in dash.current.label
@@ -420,11 +497,12 @@ def test_finetune_reports_the_original_base(variant, tmp_path, scratch_variants)
     # the base row is measured on the base itself (adapters off), not on the adapted model's step 0.
     if variant == "noisy_start":
         register_variant(toy("noisy_start", __init__=_random_B_init, starts_at_base=False))
-    from lora_lab import CharTokenizer
-    from lora_lab.finetune import encode_task, finetune, finetune_config
-    from lora_lab.protocol import task_scores
-    from lora_lab.tasks import make_task
     from test_tasks import write_synthetic_corpus
+
+    from lora_lab import CharTokenizer
+    from lora_lab.experiments.finetune import encode_task, finetune, finetune_config
+    from lora_lab.experiments.estimator import task_scores
+    from lora_lab.tasks import make_task
 
     text = write_synthetic_corpus(tmp_path / "input.txt", n_turns=400).read_text()
     a, b = int(len(text) * 0.9), int(len(text) * 0.95)

@@ -1,10 +1,12 @@
 """The notebook widgets, driven the way a notebook drives them: set a control's .value, read what was computed."""
+
 import math
 
 import pytest
 import torch
 
-from lora_lab import GPT, CharTokenizer, GPTConfig, LoRAConfig, apply_lora, parameter_report, widgets
+from lora_lab import GPT, CharTokenizer, GPTConfig, LoRAConfig, apply_lora, parameter_report
+from lora_lab.course import numerics, widgets
 from lora_lab.model import count_parameters_formula
 
 
@@ -13,17 +15,7 @@ def image_of(output) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# helpers
-
-
-def test_format_count_and_bytes():
-    assert widgets.format_count(4_718_592) == "4.7M"
-    assert widgets.format_count(37_748_736) == "37.7M"
-    assert widgets.format_count(174_604_259_328) == "174.6B"
-    assert widgets.format_count(950) == "950"
-    assert widgets.format_bytes(350e9) == "350.0 GB"
-    assert widgets.format_bytes(37_748_736) == "37.7 MB"
-    assert widgets.format_bytes(12) == "12 B"
+# display
 
 
 def test_text_form_of_a_widget_is_its_summary():
@@ -36,35 +28,6 @@ def test_text_form_of_a_widget_is_its_summary():
 
 # ---------------------------------------------------------------------------------------------------
 # chapter 1
-
-
-def test_synthetic_image_is_deterministic_and_in_range():
-    a, b = widgets.synthetic_image(48), widgets.synthetic_image(48)
-    assert a.shape == (48, 48) and torch.equal(a, b)
-    assert a.min() >= 0 and a.max() <= 1
-    # it has structure: far from rank 1, far below full rank in energy terms
-    S = torch.linalg.svdvals(a.double())
-    assert S[1] > 1e-3 * S[0]
-    assert (S[:10] ** 2).sum() / (S**2).sum() > 0.95
-
-
-def test_low_rank_approximation_is_the_truncated_svd():
-    W = torch.randn(9, 5, dtype=torch.float64)
-    S = torch.linalg.svdvals(W)
-    for r in range(0, 6):
-        approx = widgets.low_rank_approximation(W, r)
-        assert approx.shape == W.shape
-        assert int(torch.linalg.matrix_rank(approx)) == r
-        assert math.isclose(float(torch.linalg.matrix_norm(W - approx)), widgets.eckart_young_error(S, r), abs_tol=1e-9)
-    assert torch.allclose(widgets.low_rank_approximation(W, 5), W)
-
-
-@pytest.mark.parametrize("bad_r", [-1, 6])
-def test_low_rank_approximation_rejects_impossible_ranks(bad_r):
-    with pytest.raises(ValueError, match="between 0 and min"):
-        widgets.low_rank_approximation(torch.zeros(9, 5), bad_r)
-    with pytest.raises(ValueError, match="2-D"):
-        widgets.low_rank_approximation(torch.zeros(3, 3, 3), 1)
 
 
 def test_low_rank_explorer_follows_the_slider():
@@ -94,13 +57,6 @@ def test_low_rank_explorer_says_more_not_fewer_past_the_break_even_rank():
     explorer.rank.value = 51  # 9,792 numbers: more than the matrix, never "0.9x fewer"
     assert explorer.numbers.value.endswith("stores 9,792 numbers instead of 9,216 (1.06x more)")
     assert explorer.compression < 1
-
-
-def test_storage_comparison_words():
-    assert widgets.storage_comparison(2048, 16384) == "8.0x fewer"
-    assert widgets.storage_comparison(16384, 16384) == "as many"
-    assert widgets.storage_comparison(9792, 9216) == "1.06x more"
-    assert widgets.storage_comparison(9024, 9216) == "1.02x fewer"
 
 
 def test_low_rank_explorer_rejects_a_vector():
@@ -135,23 +91,6 @@ def test_shape_counter_last_saving_rank_is_exact(d, k):
     assert (4096 * 1024 - 1) // 5120 == 819  # the case chapter 2 prints: 819 saves, 820 does not
 
 
-@pytest.mark.parametrize(
-    "targets",
-    [("q_proj",), ("q_proj", "v_proj"), ("up_proj",), ("down_proj", "o_proj"), tuple(widgets.LINEAR_SHAPES)],
-)
-@pytest.mark.parametrize("r", [1, 4])
-def test_transformer_formula_matches_the_real_model(tiny_config, targets, r):
-    model = apply_lora(GPT(tiny_config), LoRAConfig(r=r, targets=targets))
-    report = parameter_report(model)
-    expected = widgets.transformer_lora_params(tiny_config.n_layer, tiny_config.n_embd, r, targets)
-    assert report.lora_params == expected == report.trainable_params
-
-
-def test_transformer_formula_rejects_unknown_targets():
-    with pytest.raises(ValueError, match="lm_head"):
-        widgets.transformer_lora_params(2, 32, 1, ("q_proj", "lm_head"))
-
-
 def test_model_counter_reproduces_the_papers_gpt3_numbers():
     counter = widgets.ModelLoRACounter(model="GPT-3 175B", r=1, targets=("q_proj", "v_proj"))
     assert counter.lora_params == 4_718_592  # the paper's 4.7M
@@ -172,12 +111,13 @@ def test_model_counter_switching_model_and_targets():
     assert counter.lora_params == parameter_report(model).lora_params
     assert counter.base_params == count_parameters_formula(config)
     counter.targets.value = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-    assert counter.lora_params == widgets.transformer_lora_params(4, 128, 8, widgets.LINEAR_SHAPES)
+    assert counter.lora_params == numerics.transformer_lora_params(4, 128, 8, numerics.block_linears())
     counter.targets.value = ()
     assert counter.lora_params == 0 and "nothing" in counter.numbers.value
     counter.n_layer.value = 2
     assert counter.base_params == count_parameters_formula(
-        GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=1, n_embd=128))
+        GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=1, n_embd=128)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,49 +192,6 @@ def test_sample_comparer_samples_every_model(tiny_model_and_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------
-# chapter 5
-
-
-def _batch(config, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, config.vocab_size, (3, config.block_size), generator=gen)
-    return x, torch.roll(x, -1, dims=1)
-
-
-def test_count_training_memory_full_vs_lora(tiny_config):
-    x, y = _batch(tiny_config)
-    full = widgets.count_training_memory(GPT(tiny_config), x, y)
-    n = GPT(tiny_config).num_parameters()
-    assert full.frozen_weights == 0 and full.trainable_weights == 4 * n
-    assert full.gradients == 4 * n
-    assert 8 * n <= full.optimizer <= 8 * n + 8 * 100  # two moments per weight, plus small step counters
-    assert full.activations > 0
-    assert full.total == sum(v for k, v in full.as_dict().items() if k != "total")
-
-    lora_model = apply_lora(GPT(tiny_config), LoRAConfig(r=2, targets=("q_proj", "v_proj")))
-    t = parameter_report(lora_model).trainable_params
-    lora = widgets.count_training_memory(lora_model, x, y)
-    assert lora.trainable_weights == lora.gradients == 4 * t
-    assert lora.frozen_weights == 4 * (lora_model.num_parameters() - t)
-    assert 8 * t <= lora.optimizer < full.optimizer
-    assert lora.total < full.total
-
-
-def test_count_training_memory_grows_with_the_batch(tiny_config):
-    small = widgets.count_training_memory(GPT(tiny_config), *_batch(tiny_config))
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, tiny_config.vocab_size, (6, tiny_config.block_size), generator=gen)
-    big = widgets.count_training_memory(GPT(tiny_config), x, torch.roll(x, -1, dims=1))
-    assert big.activations > 1.5 * small.activations
-    assert (big.gradients, big.optimizer) == (small.gradients, small.optimizer)
-
-
-def test_cuda_peak_needs_a_gpu_batch(tiny_config):
-    with pytest.raises(ValueError, match="CUDA"):
-        widgets.cuda_peak_training_memory(GPT(tiny_config), *_batch(tiny_config))
-
-
-# ---------------------------------------------------------------------------------------------------
 # chapter 6
 
 
@@ -352,7 +249,7 @@ def test_rank_dashboard_caches_each_setting(tiny_config):
     assert [c if c is None else (c.r, c.targets) for c in calls] == [None, (2, ("q_proj", "v_proj"))]
     assert dash.full.trainable_params == model.num_parameters()
     assert dash.current.groups == ("Wq", "Wv") and dash.current.r == 2
-    expected = widgets.transformer_lora_params(tiny_config.n_layer, tiny_config.n_embd, 2, ("q_proj", "v_proj"))
+    expected = numerics.transformer_lora_params(tiny_config.n_layer, tiny_config.n_embd, 2, ("q_proj", "v_proj"))
     assert dash.current.trainable_params == expected
     assert (dash.current.adapter_bytes, dash.current.optimizer_bytes) == (4 * expected, 12 * expected)
     assert calls[-1].alpha == 16.0  # alpha is fixed across ranks
@@ -383,8 +280,9 @@ def test_rank_dashboard_says_what_trains_and_names_every_point_in_a_legend(tiny_
 
     dash_status = []
     model = GPT(tiny_config)
-    dash = widgets.RankDashboard(model, ranks=(1, 2, 4), r=2, groups=("Wq", "Wv"), evaluate=evaluate,
-                                 include_full=False)
+    dash = widgets.RankDashboard(
+        model, ranks=(1, 2, 4), r=2, groups=("Wq", "Wv"), evaluate=evaluate, include_full=False
+    )
     dash_status.append(dash.status)
     assert dash.status.value.startswith("r=2 Wq+Wv: fine-tuned in ")
     dash.rank.value = 4
@@ -413,7 +311,7 @@ def test_rank_dashboard_rejects_bad_settings(tiny_config):
 
 
 def test_rank_dashboard_fine_tunes_for_real(tiny_model_and_tokenizer):
-    from lora_lab.finetune import finetune, finetune_config
+    from lora_lab.experiments.finetune import finetune, finetune_config
     from lora_lab.tasks import Task
 
     model, tok = tiny_model_and_tokenizer
@@ -424,8 +322,16 @@ def test_rank_dashboard_fine_tunes_for_real(tiny_model_and_tokenizer):
     assert dash.full is None and dash.fine_tunes == 1
     assert dash.progress.value == 1.0  # the bar reached the last step of the fine-tune
     seen = []
-    ft_points = finetune(model, task, tok, None, cfg, progress=False, curve_points=3,
-                         on_point=lambda step, steps: seen.append((step, steps)))
+    ft_points = finetune(
+        model,
+        task,
+        tok,
+        None,
+        cfg,
+        progress=False,
+        curve_points=3,
+        on_point=lambda step, steps: seen.append((step, steps)),
+    )
     assert seen == [(0, 4), (2, 4), (4, 4)] and [p["step"] for p in ft_points.curve] == [0, 2, 4]
     # full fine-tuning, when asked for, gets its own (smaller) learning rate at the same budget
     full_defaults = finetune_config(full=True)

@@ -1,4 +1,5 @@
 """Small helpers shared by several test files (imported as a plain module: pytest puts tests/ on sys.path)."""
+
 import torch
 
 from lora_lab import GPT, GPTConfig

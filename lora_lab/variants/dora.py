@@ -7,9 +7,14 @@ The adapted weight is split into a magnitude m (one number per output row) and a
 m starts at ||W0|| per row, so W' = W0 at step 0. As in the paper (section 4.3), the norm is treated
 as a constant in the backward pass: it is computed without autograd, which saves the d x k gradient
 graph. Cost per forward: one d x r x k matmul (W0 + s B A) and a row norm on top of LoRA's two thin
-matmuls (under 1% of the layer's own matmul at 256 x 4 tokens), plus two elementwise passes over the
-output and the magnitude's gradient, which are what DoRA's ~10% extra step time on CPU is made of. The merge is exact (W' itself); unmerge restores W0 from the copy kept while merged.
+matmuls (small next to the layer's own matmul over a batch of tokens), plus two elementwise passes over
+the output and the magnitude's gradient, which are what DoRA's extra step time is made of. The merge is
+exact (W' itself); unmerge restores W0 from the copy kept while merged.
+
+Rows of a batch stay independent: the norm depends on the adapter's weights, not on x, so it is one
+vector per adapter, the same for every row (rows_independent).
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,9 +37,14 @@ class DoRALinear(LoRALinear):
 
     variant = "dora"
     parameter_formula = "r*(d+k)+d"
+    rows_independent = True  # the norm is per adapter (its weights), not per row
     lora_plus_names = ("lora_B", "lora_magnitude")  # 1-D magnitudes join B, as in PEFT's LoRA+ optimizer
     peft_flags = {"use_rslora": False, "use_dora": True}
     peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+
+    @classmethod
+    def parameter_count(cls, d: int, k: int, r: int) -> int:
+        return r * (d + k) + d
 
     def __init__(self, base, r, alpha, dropout=0.0, init="gaussian", **options):
         super().__init__(base, r, alpha, dropout, init, **options)

@@ -3,6 +3,7 @@
 Training B alone halves (or better) the trainable numbers and the optimizer state, and the activation
 memory of A's input is not needed for A's gradient. A is a persistent buffer, saved with the adapter.
 """
+
 from ..lora import LoRALinear, register_variant
 
 
@@ -15,6 +16,10 @@ class LoRAFALinear(LoRALinear):
 
     variant = "lora_fa"
     parameter_formula = "r*d"
+
+    @classmethod
+    def parameter_count(cls, d: int, k: int, r: int) -> int:
+        return r * d
 
     def __init__(self, base, r, alpha, dropout=0.0, init="gaussian", **options):
         super().__init__(base, r, alpha, dropout, init, **options)

@@ -14,6 +14,7 @@ see the original model, at the cost of two more thin matmuls and 2r(d+k) stored 
 For PEFT the adapter is exported as the equivalent plain LoRA on the original W, of rank 2r:
 A' = [A; A0], B' = [B, -B0] (PEFT's own PiSSA conversion gives the same).
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +30,7 @@ class PiSSALinear(LoRALinear):
 
     variant = "pissa"
     parameter_formula = "r*(d+k)"
+    rows_independent = True  # the principal part and the update are applied row by row
 
     def __init__(self, base, r, alpha, dropout=0.0, init="gaussian", **options):
         super().__init__(base, r, alpha, dropout, init, **options)

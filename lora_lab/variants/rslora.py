@@ -3,6 +3,7 @@
 With alpha / r the update shrinks as r grows, so higher ranks learn slower; alpha / sqrt(r) keeps the
 update's scale independent of r. Everything else is plain LoRA.
 """
+
 import math
 
 from ..lora import LoRALinear, register_variant

@@ -10,6 +10,7 @@ the adapter file: the adapter holds only d and b. Layers of the same shape (q/k/
 tensor where they are built (moving the model to another device copies it per layer); a layer of
 another shape gets the pair drawn for its shape from the same seed.
 """
+
 import math
 
 import torch
@@ -42,18 +43,27 @@ class VeRALinear(LoRALinear):
 
     variant = "vera"
     parameter_formula = "r+d"
+    rows_independent = True  # b * B(d * A x) row by row
     lora_plus_names = ("vera_b",)  # the output-side vector plays B's part
     options = {"vera_seed": 0, "d_init": 0.1}
     scaling_rule = "none"
     peft_flags = None
-    peft_refusal = ("PEFT's VeRA draws its shared matrices from its own generator and stores them differently, "
-                    "so the frozen pair would not match; VeRA adapters stay in lora_lab's format.")
+    peft_refusal = (
+        "PEFT's VeRA draws its shared matrices from its own generator and stores them differently, "
+        "so the frozen pair would not match; VeRA adapters stay in lora_lab's format."
+    )
+
+    @classmethod
+    def parameter_count(cls, d: int, k: int, r: int) -> int:
+        return r + d
 
     @classmethod
     def check_options(cls, options: dict) -> dict:
         full = super().check_options(options)
-        if full["vera_seed"] < 0:
-            raise LoRAError(f"Variant 'vera': vera_seed must be a non-negative integer, got {full['vera_seed']!r}.")
+        if not 0 <= full["vera_seed"] < 2**32:  # the generator's seed is built from it and must fit 64 bits
+            raise LoRAError(
+                f"Variant 'vera': vera_seed must be a non-negative integer below 2**32, got {full['vera_seed']!r}."
+            )
         if not (0 < full["d_init"] < math.inf):
             raise LoRAError(f"Variant 'vera': d_init must be a positive finite number, got {full['d_init']!r}.")
         return full
@@ -76,8 +86,9 @@ class VeRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return self.base(x)
-        return self.base(x) + self.vera_b * F.linear(F.linear(self.lora_dropout(x), self.vera_A) * self.vera_d,
-                                                     self.vera_B)
+        return self.base(x) + self.vera_b * F.linear(
+            F.linear(self.lora_dropout(x), self.vera_A) * self.vera_d, self.vera_B
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """diag(b) B diag(d) A (fp32)."""

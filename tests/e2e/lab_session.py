@@ -5,6 +5,7 @@ config/data/runtime folders, JupyterLab's settings and workspaces, IPython's pro
 profile, so a run never reads or changes the user's own settings. The server listens on 127.0.0.1 only,
 on a free port, behind a random token; `stop()` shuts it down with its kernels, also after a failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,15 +39,14 @@ CHROMIUM_ARGS = [
 ]
 INSTALL_HINT = (
     "install them with `apt-get install -y chromium` (or set LORA_LAB_CHROMIUM to a Chromium/Chrome binary) "
-    "and `pip install playwright` (part of the test extra: pip install -e \".[test]\")"
+    'and `pip install playwright` (part of the test extra: pip install -e ".[test]")'
 )
 
 # JupyterLab settings for a quiet, fully rendered page: every cell stays in the DOM (no windowing, so
 # cells far down the notebook can be read), and no news or update pop-ups that ask to reach the network.
 LAB_SETTINGS = {
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
-                                                                       "checkForUpdates": False},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false", "checkForUpdates": False},
 }
 
 
@@ -169,21 +169,36 @@ def start_jupyterlab(workdir: Path, timeout: float = 60) -> JupyterLab:
     port, token = _free_port(), secrets.token_hex(24)
     log = workdir / "jupyterlab.log"
     command = [
-        sys.executable, "-m", "jupyterlab",
-        "--no-browser", "--allow-root",
-        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--allow-root",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
     ]
     with open(log, "wb") as log_file:
         # A session of its own: stop() can end the server and everything it started as one group.
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=root,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     lab = JupyterLab(process, f"http://127.0.0.1:{port}", token, root, log)
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"JupyterLab exited with code {process.returncode} before it was ready:\n{lab.log_tail()}")
+            raise RuntimeError(
+                f"JupyterLab exited with code {process.returncode} before it was ready:\n{lab.log_tail()}"
+            )
         try:
             lab.api("status", timeout=2)
             return lab
@@ -209,8 +224,12 @@ def chromium_page(chromium: str, workdir: Path):
         env[name] = str(folder)
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(workdir / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
-            env=env, viewport={"width": 1400, "height": 1000},
+            str(workdir / "chromium-profile"),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            env=env,
+            viewport={"width": 1400, "height": 1000},
         )
         try:
             yield context.pages[0] if context.pages else context.new_page()
@@ -282,5 +301,6 @@ def wait_for_new_picture(page, box, before: str | None, timeout: float = 30) -> 
     """Wait until the image in `box` differs from `before` (an Output widget replaces its <img> on redraw)."""
     page.wait_for_function(
         "([box, before]) => { const img = box.querySelector('img'); return img !== null && img.src !== before; }",
-        arg=[box.element_handle(), before], timeout=timeout * 1000,
+        arg=[box.element_handle(), before],
+        timeout=timeout * 1000,
     )

@@ -6,10 +6,11 @@ keeps every fine-tune under a second. The browser test imports this module in tw
 runs in JupyterLab builds its dashboard from it, and the test itself fine-tunes the same settings with the
 library to know which numbers the page must show. Same seed, same numbers.
 """
+
 import torch
 
 from lora_lab import GPT, CharTokenizer, GPTConfig, tasks
-from lora_lab.finetune import finetune_config
+from lora_lab.experiments.finetune import finetune_config
 
 RANKS = (1, 2, 4)  # the dashboard's rank slider
 START_RANK = 2

@@ -15,6 +15,7 @@ RENAME_EXCHANGE on Linux), so a reader never sees a missing or half bundle, and 
 leaves the old bundle or the new one, whole. The config records a sha256 of each tensor file, which
 `read_bundle` verifies.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -68,8 +69,10 @@ def _describe(path: Path) -> str:
 
 
 def _refuse(path: Path, why: str) -> OutputExistsError:
-    return OutputExistsError(f"Refusing to write {path}: it is {_describe(path)}, {why}. Nothing was changed; "
-                             "choose another path, or remove it yourself if you no longer need it.")
+    return OutputExistsError(
+        f"Refusing to write {path}: it is {_describe(path)}, {why}. Nothing was changed; "
+        "choose another path, or remove it yourself if you no longer need it."
+    )
 
 
 def _read_format(config_path: Path, format_key: str):
@@ -129,8 +132,11 @@ def claim_output_dir(path: str | os.PathLike, format_tag: str) -> Path:
         found = _read_format(marker, "format") if marker.is_file() and not marker.is_symlink() else None
         if found == format_tag:
             return path
-        why = (f"a lora_lab output of another kind ({found!r}, not {format_tag!r})" if found is not None
-               else f"not an output folder of lora_lab (it has no {OUTPUT_MARKER})")
+        why = (
+            f"a lora_lab output of another kind ({found!r}, not {format_tag!r})"
+            if found is not None
+            else f"not an output folder of lora_lab (it has no {OUTPUT_MARKER})"
+        )
         raise _refuse(path, why)
     path.mkdir(parents=True, exist_ok=True)
     _write_new_file(marker, json.dumps({"format": format_tag}, indent=2, sort_keys=True).encode())
@@ -280,16 +286,27 @@ def write_bundle(
     for name in names:
         if not name.endswith((".safetensors", ".json")) or "/" in name:
             raise ValueError(f"Bundle file {name!r} must be a plain name ending in .safetensors or .json.")
-    check = dict(config_file=config_file, format_tag=format_tag, files=names, legacy_files=legacy_files,
-                 format_key=format_key, accept_damaged=accept_damaged)
+    check = dict(
+        config_file=config_file,
+        format_tag=format_tag,
+        files=names,
+        legacy_files=legacy_files,
+        format_key=format_key,
+        accept_damaged=accept_damaged,
+    )
     check_bundle_target(directory, **check)  # before anything is created
 
     blobs = {n: tensor_file_bytes(c) for n, c in files.items() if n.endswith(".safetensors")}
     config = dict(files[config_file])
     if checksums:
         config[CHECKSUMS_KEY] = {n: _sha256(b) for n, b in blobs.items()}
-    blobs.update({n: json.dumps(config if n == config_file else c, indent=2, sort_keys=True).encode()
-                  for n, c in files.items() if n.endswith(".json")})
+    blobs.update(
+        {
+            n: json.dumps(config if n == config_file else c, indent=2, sort_keys=True).encode()
+            for n, c in files.items()
+            if n.endswith(".json")
+        }
+    )
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.lora_lab-tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -331,11 +348,36 @@ def folder_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+MAX_JSON_BYTES = 64 * 2**20  # a config or record; lora_lab writes a few KB (a weights record: tens of KB)
+MAX_JSON_DEPTH = 64  # lora_lab's own files nest a few levels
+MAX_HEADER_BYTES = 100 * 2**20  # the most a safetensors header may be (the safetensors library's own limit)
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _json_depth(obj) -> int:
+    depth, level = 0, [(obj, 1)]
+    while level:  # iterative, so a deep object cannot exhaust the stack here
+        value, d = level.pop()
+        if isinstance(value, (dict, list)):
+            depth = max(depth, d)
+            level.extend((v, d + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return depth
+
+
 def _parse_json(path: Path, data: bytes) -> dict:
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptFileError(f"{path} is not valid JSON: {err}") from None
+    except RecursionError:
+        obj = None
+    if obj is None or _json_depth(obj) > MAX_JSON_DEPTH:
+        raise CorruptFileError(f"{path} nests JSON more than {MAX_JSON_DEPTH} levels deep; not a lora_lab file.")
     if not isinstance(obj, dict):
         raise CorruptFileError(f"{path} should hold a JSON object, found {type(obj).__name__}.")
     return obj
@@ -348,18 +390,69 @@ def _parse_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
         raise CorruptFileError(f"{path} is not a readable safetensors file: {err}") from None
 
 
+def _read_exactly(fd: int, n: int, shown: Path) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 2**24))
+        if not chunk:
+            raise CorruptFileError(f"{shown} ended early (it changed while being read?).")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _safetensors_size(fd: int, size: int, shown: Path) -> int:
+    """The file size a safetensors header promises (8 + header + the end of the last tensor's data)."""
+    if size < 8:
+        raise CorruptFileError(f"{shown} is not a readable safetensors file: {size} bytes is too short.")
+    n = int.from_bytes(os.pread(fd, 8, 0), "little")
+    if n > min(MAX_HEADER_BYTES, size - 8):
+        raise CorruptFileError(f"{shown} is not a readable safetensors file: its header claims {n:,} bytes.")
+    header = _parse_json(shown, os.pread(fd, n, 8))
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise CorruptFileError(f"{shown} is not a readable safetensors file: malformed header.") from None
+    return 8 + n + end
+
+
+def _read_file(name: str | os.PathLike, shown: Path, kind: str, dir_fd: int | None = None) -> bytes:
+    """The bytes of a regular file (a link to one is followed), bounded by what it may hold: a JSON file
+    MAX_JSON_BYTES, a safetensors file exactly the size its header promises. A FIFO, a device (a link to
+    /dev/zero) or a socket is refused without blocking or reading it."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)  # O_NONBLOCK: opening a FIFO must not wait
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"Missing file: {shown}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise FileNotFoundError(f"Missing file: {shown} (a folder is there)")
+        if not stat.S_ISREG(st.st_mode):
+            what = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise CorruptFileError(f"{shown} is {what}; lora_lab reads only regular files.")
+        if kind == "json" and st.st_size > MAX_JSON_BYTES:
+            raise CorruptFileError(f"{shown} is {st.st_size:,} bytes, more than a JSON file of lora_lab's can be.")
+        if kind == "safetensors":
+            promised = _safetensors_size(fd, st.st_size, shown)
+            if promised != st.st_size:
+                raise CorruptFileError(
+                    f"{shown} is not a readable safetensors file: its header describes {promised:,} bytes, "
+                    f"the file holds {st.st_size:,}."
+                )
+        return _read_exactly(fd, st.st_size, shown)
+    finally:
+        os.close(fd)
+
+
 def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Missing file: {path}")
-    return _parse_json(path, path.read_bytes())
+    return _parse_json(path, _read_file(path, path, "json"))
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Missing file: {path}")
-    return _parse_tensors(path, path.read_bytes())
+    return _parse_tensors(path, _read_file(path, path, "safetensors"))
 
 
 def _read_once(directory: Path, config_file: str, tensor_files) -> tuple[dict, dict[str, dict]]:
@@ -370,12 +463,9 @@ def _read_once(directory: Path, config_file: str, tensor_files) -> tuple[dict, d
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"No such folder: {directory} (a folder holding {config_file} was expected).") from None
     try:
+
         def read(name: str) -> bytes:
-            try:
-                with open(name, "rb", opener=lambda p, flags: os.open(p, flags, dir_fd=fd)) as f:
-                    return f.read()
-            except FileNotFoundError:
-                raise FileNotFoundError(f"Missing file: {directory / name}") from None
+            return _read_file(name, directory / name, "json" if name == config_file else "safetensors", fd)
 
         config = _parse_json(directory / config_file, read(config_file))
         recorded = config.get(CHECKSUMS_KEY)  # absent in bundles written before checksums existed
@@ -385,8 +475,10 @@ def _read_once(directory: Path, config_file: str, tensor_files) -> tuple[dict, d
         for name in tensor_files:
             data = read(name)
             if recorded is not None and recorded.get(name) != _sha256(data):
-                raise CorruptFileError(f"{directory / name} does not match its checksum in {config_file} "
-                                       "(the file was changed or damaged after it was written).")
+                raise CorruptFileError(
+                    f"{directory / name} does not match its checksum in {config_file} "
+                    "(the file was changed or damaged after it was written)."
+                )
             tensors[name] = _parse_tensors(directory / name, data)
         return config, tensors
     finally:
@@ -406,5 +498,5 @@ def read_bundle(directory: str | os.PathLike, *, config_file: str, tensor_files)
         except (CorruptFileError, FileNotFoundError):
             if attempt == _READ_ATTEMPTS - 1:
                 raise
-            time.sleep(0.01 * 2 ** attempt)
+            time.sleep(0.01 * 2**attempt)
     raise AssertionError("unreachable")

@@ -1,4 +1,5 @@
 """GPT checkpoints: a folder with model.safetensors (weights) and config.json (GPTConfig + metadata)."""
+
 from __future__ import annotations
 
 import os
@@ -6,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .files import CorruptFileError, nonfinite_names, read_bundle, read_json, write_bundle
-from .lora import LoRAError, lora_layers
-from .model import GPT, GPTConfig
+from ..lora import LoRAError, lora_layers
+from ..model import GPT, GPTConfig
+from .files import CorruptFileError, nonfinite_names, read_bundle, write_bundle
 
 CHECKPOINT_FORMAT = "lora_lab.gpt.v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -21,8 +22,9 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint that does not fit the model or config it is loaded into."""
 
 
-def save_checkpoint(model: GPT, path: str | os.PathLike, metadata: dict | None = None, *,
-                    replace_damaged: bool = False) -> Path:
+def save_checkpoint(
+    model: GPT, path: str | os.PathLike, metadata: dict | None = None, *, replace_damaged: bool = False
+) -> Path:
     """Atomically write model weights and config to the folder `path` (with a sha256 of the weights).
 
     Refused, with nothing written: a model that still has LoRA layers, non-finite weights, and a `path`
@@ -31,23 +33,25 @@ def save_checkpoint(model: GPT, path: str | os.PathLike, metadata: dict | None =
     """
     layers = lora_layers(model)
     if layers:
-        raise LoRAError(f"The model still has LoRA layers ({list(layers)[:3]}...); a checkpoint holds a plain GPT. "
-                        "Call merge_and_unload(model) first, or save_adapter(model, path) to keep only the adapter.")
+        raise LoRAError(
+            f"The model still has LoRA layers ({list(layers)[:3]}...); a checkpoint holds a plain GPT. "
+            "Call merge_and_unload(model) first, or save_adapter(model, path) to keep only the adapter."
+        )
     state = {k: v for k, v in model.state_dict().items() if k != _TIED}
     bad = nonfinite_names(state)
     if bad:
-        raise ValueError(f"Refusing to save a checkpoint to {path}: weights {bad[:5]} contain NaN or Inf "
-                         "(training diverged?). Nothing was written.")
+        raise ValueError(
+            f"Refusing to save a checkpoint to {path}: weights {bad[:5]} contain NaN or Inf "
+            "(training diverged?). Nothing was written."
+        )
     config = {"format": CHECKPOINT_FORMAT, "gpt_config": model.config.to_dict(), "metadata": metadata or {}}
-    return write_bundle(path, {WEIGHTS_FILE: state, CONFIG_FILE: config}, config_file=CONFIG_FILE,
-                        format_tag=CHECKPOINT_FORMAT, accept_damaged=replace_damaged)
-
-
-def read_checkpoint_config(path: str | os.PathLike) -> dict:
-    config = read_json(Path(path) / CONFIG_FILE)
-    if config.get("format") != CHECKPOINT_FORMAT or "gpt_config" not in config:
-        raise CorruptFileError(f"{Path(path) / CONFIG_FILE} is not a lora_lab GPT checkpoint config.")
-    return config
+    return write_bundle(
+        path,
+        {WEIGHTS_FILE: state, CONFIG_FILE: config},
+        config_file=CONFIG_FILE,
+        format_tag=CHECKPOINT_FORMAT,
+        accept_damaged=replace_damaged,
+    )
 
 
 def load_checkpoint(
@@ -76,8 +80,8 @@ def load_checkpoint(
             raise CheckpointMismatchError(f"Checkpoint {path} does not match the config ({detail}).")
         config = expected_config
     state = tensor_files[WEIGHTS_FILE]
-    model = GPT(config)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != _TIED}
+    with torch.device("meta"):  # the shapes the config promises, before any memory is asked for (no RNG use)
+        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != _TIED}
     got = {k: v.shape for k, v in state.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))
@@ -87,6 +91,7 @@ def load_checkpoint(
             f"Checkpoint {path} weights do not fit GPT({config}): missing {missing[:5]}, unexpected {extra[:5]}, "
             f"wrong shape {wrong[:5]}."
         )
+    model = GPT(config)
     model.load_state_dict(state, strict=False)  # strict=False only because the tied head is not stored
     # eval(): sampling and evaluation must never run with dropout on; train() is the caller's choice.
     return model.to(device).eval(), saved.get("metadata", {})

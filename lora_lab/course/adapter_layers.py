@@ -8,13 +8,14 @@ layers on every forward pass, which is what costs latency at small batch sizes.
 
     model = add_adapter_layers(gpt, bottleneck=8)   # in place; only the adapters train
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import GPT
+from ..model import GPT
 
 
 class BottleneckAdapter(nn.Module):
@@ -45,7 +46,9 @@ class WithAdapter(nn.Module):
 
 def adapter_layer_params(n_layer: int, width: int, bottleneck: int) -> int:
     """Trainable numbers of two adapters per block: each has down (C x m + m) and up (m x C + C)."""
-    return n_layer * 2 * (2 * width * bottleneck + bottleneck + width)
+    with torch.device("meta"):  # counted on the module itself: shapes only, no memory, no random numbers
+        per_adapter = sum(p.numel() for p in BottleneckAdapter(width, bottleneck).parameters())
+    return n_layer * 2 * per_adapter
 
 
 def add_adapter_layers(model: GPT, bottleneck: int) -> GPT:

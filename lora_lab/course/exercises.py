@@ -12,6 +12,7 @@ In the chapters each exercise starts as a stub that raises NotImplementedError; 
 "not answered yet" (`report.unanswered`) instead of listing failures. The worked solutions live in
 notebooks/solutions.ipynb, which runs every checker on them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,10 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .adapters import save_adapter
-from .lora import LoRAConfig, LoRALinear, apply_lora, lora_layers, merge_lora
-from .model import GPT, GPTConfig
-from .widgets import SettingResult, eckart_young_error, synthetic_image, transformer_lora_params
+from ..lora import LoRAConfig, LoRALinear, apply_lora, lora_layers, merge_lora
+from ..model import GPT, GPTConfig
+from ..storage.adapters import save_adapter
+from .numerics import SettingResult, eckart_young_error, synthetic_image, tensor_bytes, transformer_lora_params
 
 
 @dataclass
@@ -61,8 +62,10 @@ class CheckReport:
 
     def __str__(self) -> str:
         if self.unanswered:
-            return (f"{self.title}: not answered yet. Replace `raise NotImplementedError` with your code and "
-                    f"re-run the cell (a worked solution is in notebooks/solutions.ipynb).")
+            return (
+                f"{self.title}: not answered yet. Replace `raise NotImplementedError` with your code and "
+                f"re-run the cell (a worked solution is in notebooks/solutions.ipynb)."
+            )
         failed = sum(not passed for passed, _ in self.results)
         head = (
             f"{self.title}: all {len(self.results)} checks passed."
@@ -77,8 +80,11 @@ class CheckReport:
 def _call(report: CheckReport, what: str, fn, *args):
     """Run the learner's code; an exception is recorded as a failed check. Returns (ok, value)."""
     if not callable(fn):  # e.g. the result of calling it, passed instead of the function itself
-        report.check(False, f"{what}: expected your function (or class) itself, got a {type(fn).__name__}: "
-                            f"{fn!r:.60}. Pass it without calling it.")
+        report.check(
+            False,
+            f"{what}: expected your function (or class) itself, got a {type(fn).__name__}: "
+            f"{fn!r:.60}. Pass it without calling it.",
+        )
         return False, None
     try:
         return True, fn(*args)
@@ -90,6 +96,17 @@ def _call(report: CheckReport, what: str, fn, *args):
         where = traceback.extract_tb(err.__traceback__)[-1]
         report.check(False, f"{what} raised {type(err).__name__}: {err} (line {where.lineno})")
         return False, None
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in module.state_dict().items()}
+
+
+def _unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    """Whether `module` holds exactly the tensors of `before`. The learner's code may also have added, removed
+    or renamed some (merge_and_unload replaces every LoRA layer): that counts as changed, never as an error."""
+    after = module.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(before[n], t) for n, t in after.items())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,7 +124,9 @@ def check_factorize(factorize) -> CheckReport:
         if not ok:
             continue
         if not report.require(
-            isinstance(factors, (tuple, list)) and len(factors) == 2 and all(isinstance(f, torch.Tensor) for f in factors),
+            isinstance(factors, (tuple, list))
+            and len(factors) == 2
+            and all(isinstance(f, torch.Tensor) for f in factors),
             f"{case}: should return a pair of tensors (B, A), got {type(factors).__name__}",
         ):
             continue
@@ -122,7 +141,8 @@ def check_factorize(factorize) -> CheckReport:
         report.check(
             math.isclose(error, best, rel_tol=1e-5, abs_tol=1e-8),
             f"{case}: error {error:.4f}, the Eckart-Young minimum",
-            f"{case}: error {error:.4f}, but the best rank-{r} error is {best:.4f} (keep the r LARGEST singular values)",
+            f"{case}: error {error:.4f}, but the best rank-{r} error is {best:.4f} "
+            "(keep the r LARGEST singular values)",
         )
     return report
 
@@ -136,7 +156,11 @@ def check_rank_for_energy(rank_for_energy) -> CheckReport:
         expected = int((energy >= fraction - 1e-12).nonzero()[0]) + 1
         ok, got = _call(report, f"fraction={fraction}", rank_for_energy, S.clone(), fraction)
         if ok:
-            report.check(got == expected, f"fraction={fraction}: r={expected}", f"fraction={fraction}: got {got!r}, expected r={expected}")
+            report.check(
+                got == expected,
+                f"fraction={fraction}: r={expected}",
+                f"fraction={fraction}: got {got!r}, expected r={expected}",
+            )
     return report
 
 
@@ -145,12 +169,18 @@ def check_smallest_rank_below(smallest_rank_below) -> CheckReport:
     relative error ||W - W_r||_F / ||W||_F strictly below max_relative_error."""
     report = CheckReport("smallest_rank_below(W, max_relative_error)")
     gen = torch.Generator().manual_seed(2)
-    low_rank = torch.randn(30, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 20, generator=gen, dtype=torch.float64)
+    low_rank = torch.randn(30, 3, generator=gen, dtype=torch.float64) @ torch.randn(
+        3, 20, generator=gen, dtype=torch.float64
+    )
     cases = [
         ("a 32x32 picture", _picture(32), 0.05),
         ("a 32x32 picture", _picture(32), 0.01),
         ("32x32 noise", torch.randn(32, 32, generator=gen, dtype=torch.float64), 0.05),
-        ("a rank-3 30x20 matrix + small noise", low_rank + 1e-3 * torch.randn(30, 20, generator=gen, dtype=torch.float64), 0.01),
+        (
+            "a rank-3 30x20 matrix + small noise",
+            low_rank + 1e-3 * torch.randn(30, 20, generator=gen, dtype=torch.float64),
+            0.01,
+        ),
     ]
     for name, W, limit in cases:
         S = torch.linalg.svdvals(W)
@@ -206,9 +236,11 @@ def check_trainable_share(trainable_share) -> CheckReport:
     counted from the model itself (each tensor once: the tied embedding is one tensor)."""
     report = CheckReport("trainable_share(model)")
     config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
-    cases = [("LoRA r=2 on q_proj, v_proj", LoRAConfig(r=2, targets=("q_proj", "v_proj"))),
-             ("LoRA r=4 on up_proj, down_proj", LoRAConfig(r=4, targets=("up_proj", "down_proj"))),
-             ("full fine-tuning (nothing frozen)", None)]
+    cases = [
+        ("LoRA r=2 on q_proj, v_proj", LoRAConfig(r=2, targets=("q_proj", "v_proj"))),
+        ("LoRA r=4 on up_proj, down_proj", LoRAConfig(r=4, targets=("up_proj", "down_proj"))),
+        ("full fine-tuning (nothing frozen)", None),
+    ]
     for name, lora in cases:
         with torch.random.fork_rng():
             model = GPT(config) if lora is None else apply_lora(GPT(config), lora)
@@ -220,13 +252,19 @@ def check_trainable_share(trainable_share) -> CheckReport:
         if not ok:
             continue
         hint = ""
-        if total > trainable and isinstance(got, (int, float)) and math.isclose(got, trainable / (total - trainable), rel_tol=1e-9):
+        if (
+            total > trainable
+            and isinstance(got, (int, float))
+            and math.isclose(got, trainable / (total - trainable), rel_tol=1e-9)
+        ):
             hint = " (that divides by the frozen base only; divide by every parameter of the adapted model)"
         elif isinstance(got, (int, float)) and math.isclose(got, 100 * expected, rel_tol=1e-9):
             hint = " (return a fraction, not a percentage)"
-        report.check(isinstance(got, (int, float)) and math.isclose(got, expected, rel_tol=1e-9),
-                     f"{name}: {trainable:,} / {total:,} = {expected:.2%}",
-                     f"{name}: got {got!r}, expected {trainable:,} / {total:,} = {expected:.6f}{hint}")
+        report.check(
+            isinstance(got, (int, float)) and math.isclose(got, expected, rel_tol=1e-9),
+            f"{name}: {trainable:,} / {total:,} = {expected:.2%}",
+            f"{name}: got {got!r}, expected {trainable:,} / {total:,} = {expected:.6f}{hint}",
+        )
     return report
 
 
@@ -237,8 +275,11 @@ def check_break_even_rank(break_even_rank) -> CheckReport:
         expected = max(r for r in range(0, min(d, k) + 1) if r * (d + k) < d * k)
         ok, got = _call(report, f"d={d}, k={k}", break_even_rank, d, k)
         if ok:
-            report.check(got == expected, f"d={d}, k={k}: r={expected}",
-                         f"d={d}, k={k}: got {got!r}, expected {expected} (r*(d+k) must be strictly below d*k)")
+            report.check(
+                got == expected,
+                f"d={d}, k={k}: r={expected}",
+                f"d={d}, k={k}: got {got!r}, expected {expected} (r*(d+k) must be strictly below d*k)",
+            )
     return report
 
 
@@ -314,9 +355,11 @@ def check_whole_text_loss(whole_text_loss) -> CheckReport:
         with torch.random.fork_rng():
             ok, got = _call(report, case, whole_text_loss, model, tokens.clone())
         if ok:
-            report.check(isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected, rel_tol=1e-4),
-                         f"{case}: {expected:.4f} nats",
-                         f"{case}: got {got!r}, expected {expected:.4f} nats (eval mode? every full window, no overlap?)")
+            report.check(
+                isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected, rel_tol=1e-4),
+                f"{case}: {expected:.4f} nats",
+                f"{case}: got {got!r}, expected {expected:.4f} nats (eval mode? every full window, no overlap?)",
+            )
     return report
 
 
@@ -368,15 +411,30 @@ def check_lora_layer(lora_class) -> CheckReport:
             f"{case}: at initialisation it computes exactly the base layer",
             f"{case}: at initialisation the output differs from the base layer's (B should start at zero)",
         )
-        # B = 0 alone is right; A = 0 as well is a saddle point: both gradients are exactly zero, so nothing learns.
-        ok, grads = _call(report, f"{case}: gradients at initialisation",
-                          lambda: torch.autograd.grad(out.square().sum(), (A, B), allow_unused=True))
+        # LoRA starts A random and B = 0, so B's gradient (through A x) is nonzero and A's is zero. The output alone
+        # cannot tell this from the swapped start (A = 0, B random); the gradients can. A = B = 0 is a saddle point:
+        # both gradients are exactly zero, so nothing ever learns.
+        ok, grads = _call(
+            report,
+            f"{case}: gradients at initialisation",
+            lambda: torch.autograd.grad(out.square().sum(), (A, B), allow_unused=True),
+        )
         if ok:
+            moves_a, moves_b = (g is not None and g.abs().sum().item() > 0 for g in grads)
+            if moves_a and not moves_b:
+                wrong = (
+                    f"{case}: at initialisation only A gets a gradient: A starts at zero and B random, the swapped "
+                    "init; LoRA starts A random and B at zero"
+                )
+            else:
+                wrong = (
+                    f"{case}: at initialisation neither A nor B gets a gradient: with A = 0 and B = 0 (a saddle point) "
+                    "LoRA never learns; A should start random"
+                )
             report.check(
-                any(g is not None and g.abs().sum().item() > 0 for g in grads),
-                f"{case}: at initialisation A and B get a nonzero gradient (training can start)",
-                f"{case}: at initialisation neither A nor B gets a gradient: with A = 0 and B = 0 (a saddle point) "
-                "LoRA never learns; A should start random",
+                moves_b,
+                f"{case}: at initialisation B gets a nonzero gradient (A random, B = 0: training can start)",
+                wrong,
             )
         with torch.random.fork_rng():
             reference = LoRALinear(reference_base, r, alpha)
@@ -401,7 +459,8 @@ def check_lora_layer(lora_class) -> CheckReport:
             continue
         expected.square().sum().backward()
         report.check(
-            A.grad is not None and B.grad is not None
+            A.grad is not None
+            and B.grad is not None
             and torch.allclose(A.grad, reference.lora_A.grad, atol=1e-4)
             and torch.allclose(B.grad, reference.lora_B.grad, atol=1e-4),
             f"{case}: the same gradients for A and B",
@@ -421,12 +480,14 @@ def check_merged_weight(merged_weight) -> CheckReport:
             layer = LoRALinear(nn.Linear(k, d, bias=bias), r, alpha)
         with torch.no_grad():
             layer.lora_B.copy_(torch.randn(d, r, generator=gen))
-        before = {n: t.detach().clone() for n, t in layer.state_dict().items()}
+        before = _snapshot(layer)
         ok, W = _call(report, case, merged_weight, layer)
         if not ok:
             continue
-        if not report.require(isinstance(W, torch.Tensor) and tuple(W.shape) == (d, k),
-                              f"{case}: should return a ({d}, {k}) tensor, got {getattr(W, 'shape', type(W).__name__)}"):
+        if not report.require(
+            isinstance(W, torch.Tensor) and tuple(W.shape) == (d, k),
+            f"{case}: should return a ({d}, {k}) tensor, got {getattr(W, 'shape', type(W).__name__)}",
+        ):
             continue
         x = torch.randn(5, k, generator=gen)
         with torch.no_grad():
@@ -436,9 +497,11 @@ def check_merged_weight(merged_weight) -> CheckReport:
                 f"{case}: a plain Linear with this weight computes what the LoRA layer computes",
                 f"{case}: a plain Linear with this weight differs from the LoRA layer (W0 + (alpha / r) * B @ A?)",
             )
-        unchanged = all(torch.equal(before[n], t) for n, t in layer.state_dict().items())
-        report.check(unchanged, f"{case}: the layer itself is left unchanged",
-                     f"{case}: merged_weight changed the layer's tensors; it should only compute a new one")
+        report.check(
+            _unchanged(layer, before),
+            f"{case}: the layer itself is left unchanged",
+            f"{case}: merged_weight changed the layer's tensors; it should only compute a new one",
+        )
     return report
 
 
@@ -465,15 +528,23 @@ def check_fit_lora(fit_lora) -> CheckReport:
             ok, layer = _call(report, case, fit_lora, base, target, r, 400)
         if not ok:
             continue
-        if not report.require(isinstance(layer, LoRALinear), f"{case}: return the trained lora_lab.LoRALinear, got {type(layer).__name__}"):
+        if not report.require(
+            isinstance(layer, LoRALinear), f"{case}: return the trained lora_lab.LoRALinear, got {type(layer).__name__}"
+        ):
             continue
-        report.check(torch.equal(layer.base.weight, before) and not layer.base.weight.requires_grad,
-                     f"{case}: the base weight is frozen and unchanged",
-                     f"{case}: the base weight changed or is trainable; LoRA trains only A and B")
+        report.check(
+            torch.equal(layer.base.weight, before) and not layer.base.weight.requires_grad,
+            f"{case}: the base weight is frozen and unchanged",
+            f"{case}: the base weight changed or is trainable; LoRA trains only A and B",
+        )
         learned = layer.scale * (layer.lora_B @ layer.lora_A).detach()
         relative = float(torch.linalg.matrix_norm(learned - change) / torch.linalg.matrix_norm(change))
-        report.check(relative < 0.05, f"{case}: the learned (alpha/r) B A is within 5% of the change",
-                     f"{case}: the learned (alpha/r) B A is {relative:.0%} off the change (train longer, or a larger learning rate?)")
+        report.check(
+            relative < 0.05,
+            f"{case}: the learned (alpha/r) B A is within 5% of the change",
+            f"{case}: the learned (alpha/r) B A is {relative:.0%} off the change "
+            "(train longer, or a larger learning rate?)",
+        )
     return report
 
 
@@ -495,7 +566,9 @@ def check_training_bytes(training_bytes) -> CheckReport:
             hint = " (frozen weights get no gradient and no optimizer state)"
         elif got == 4 * (n_frozen + n_trainable) + 8 * n_trainable:
             hint = " (each trainable weight also has a gradient)"
-        report.check(got == expected, f"{case}: {expected:,} bytes", f"{case}: got {got!r}, expected {expected:,}{hint}")
+        report.check(
+            got == expected, f"{case}: {expected:,} bytes", f"{case}: got {got!r}, expected {expected:,}{hint}"
+        )
     return report
 
 
@@ -507,20 +580,25 @@ def check_gradient_bytes(gradient_bytes) -> CheckReport:
     gen = torch.Generator().manual_seed(5)
     x = torch.randint(0, 11, (3, 8), generator=gen)
     y = torch.randint(0, 11, (3, 8), generator=gen)
-    for name, lora in (("full fine-tuning", None), ("LoRA r=2 on q_proj, v_proj", LoRAConfig(r=2, targets=("q_proj", "v_proj")))):
+    for name, lora in (
+        ("full fine-tuning", None),
+        ("LoRA r=2 on q_proj, v_proj", LoRAConfig(r=2, targets=("q_proj", "v_proj"))),
+    ):
         with torch.random.fork_rng():
             model = GPT(config) if lora is None else apply_lora(GPT(config), lora)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        expected = sum(p.numel() * p.element_size() for p in trainable)
-        everything = sum(p.numel() * p.element_size() for p in model.parameters())
+        expected = sum(tensor_bytes(p) for p in trainable)
+        everything = sum(tensor_bytes(p) for p in model.parameters())
         ok, got = _call(report, name, gradient_bytes, model, x.clone(), y.clone())
         if not ok:
             continue
-        counted = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        counted = sum(tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
         hint = " (frozen weights get no .grad)" if got == everything != expected else ""
-        report.check(got == expected == counted, f"{name}: {expected:,} bytes of gradients, measured after backward",
-                     f"{name}: got {got!r}; after backward the .grads hold {counted:,} bytes "
-                     f"(expected {expected:,}){hint}")
+        report.check(
+            got == expected == counted,
+            f"{name}: {expected:,} bytes of gradients, measured after backward",
+            f"{name}: got {got!r}; after backward the .grads hold {counted:,} bytes (expected {expected:,}){hint}",
+        )
     return report
 
 
@@ -540,9 +618,14 @@ def check_adapter_payload(adapter_payload) -> CheckReport:
     report = CheckReport("adapter_payload(config, lora)")
     cases = [
         (GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16), LoRAConfig(r=2, targets=("q_proj",))),
-        (GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=32),
-         LoRAConfig(r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj"))),
-        (GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8), LoRAConfig(r=1, targets=("up_proj", "down_proj"))),
+        (
+            GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=32),
+            LoRAConfig(r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+        ),
+        (
+            GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8),
+            LoRAConfig(r=1, targets=("up_proj", "down_proj")),
+        ),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for i, (config, lora) in enumerate(cases):
@@ -553,8 +636,11 @@ def check_adapter_payload(adapter_payload) -> CheckReport:
             expected = _safetensors_payload(path / "adapter_model.safetensors")
             ok, got = _call(report, case, adapter_payload, config, lora)
             if ok:
-                report.check(got == expected, f"{case}: {expected:,} bytes, as measured in the saved file",
-                             f"{case}: got {got!r}; the saved file holds {expected:,} bytes of tensors")
+                report.check(
+                    got == expected,
+                    f"{case}: {expected:,} bytes, as measured in the saved file",
+                    f"{case}: got {got!r}; the saved file holds {expected:,} bytes of tensors",
+                )
     return report
 
 
@@ -577,18 +663,29 @@ def check_merge_difference(merge_difference) -> CheckReport:
             unmerged = reference(x)[0]
             merge_lora(reference)
             expected = float((reference(x)[0] - unmerged).abs().max())
-        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state = _snapshot(model)
         case = f"r={r}"
         ok, got = _call(report, case, merge_difference, model, x.clone())
         if not ok:
             continue
-        report.check(isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected, rel_tol=1e-6, abs_tol=1e-12),
-                     f"{case}: the measured max |merged - unmerged| (float rounding, not a bug)",
-                     f"{case}: got {got!r}, measured {expected:.3e} (merge_lora, then compare the logits)")
-        left_alone = not any(l.merged for l in lora_layers(model).values()) and all(
-            torch.equal(v, state[k]) for k, v in model.state_dict().items())
-        report.check(left_alone, f"{case}: the model is left unmerged, with its weights as before",
-                     f"{case}: the model was left merged or its weights changed: unmerge_lora after measuring")
+        report.check(
+            isinstance(got, (int, float, torch.Tensor))
+            and math.isclose(float(got), expected, rel_tol=1e-6, abs_tol=1e-12),
+            f"{case}: the measured max |merged - unmerged| (float rounding, not a bug)",
+            f"{case}: got {got!r}, measured {expected:.3e} (merge_lora, then compare the logits)",
+        )
+        layers = lora_layers(model)
+        if not layers:  # merge_and_unload (or unload_lora) swapped every LoRA layer for a plain Linear
+            wrong = (
+                f"{case}: the model lost its LoRA layers (merge_and_unload?): merge_lora, measure, then unmerge_lora"
+            )
+        else:
+            wrong = f"{case}: the model was left merged or its weights changed: unmerge_lora after measuring"
+        report.check(
+            bool(layers) and not any(l.merged for l in layers.values()) and _unchanged(model, state),
+            f"{case}: the model is left unmerged, with its weights as before",
+            wrong,
+        )
     return report
 
 
@@ -598,20 +695,28 @@ def check_merge_difference(merge_difference) -> CheckReport:
 
 def check_best_setting(best_setting) -> CheckReport:
     """best_setting(results, budget) -> the result with the lowest target_loss among those whose
-    optimizer_bytes <= budget (None if none fits). results: a list of widgets.SettingResult."""
+    optimizer_bytes <= budget (None if none fits). results: a list of numerics.SettingResult."""
     report = CheckReport("best_setting(results, budget)")
 
     def point(r, memory, loss):
         return SettingResult(r, ("Wq", "Wv"), memory // 12, memory // 3, memory, loss, 2.0)
 
     results = [point(1, 1_200, 2.10), point(4, 4_800, 1.95), point(16, 19_200, 1.97), point(None, 9_600_000, 1.90)]
-    for budget, expected in ((1_000, None), (1_200, results[0]), (10_000, results[1]), (20_000, results[1]),
-                             (10**9, results[3])):
+    for budget, expected in (
+        (1_000, None),
+        (1_200, results[0]),
+        (10_000, results[1]),
+        (20_000, results[1]),
+        (10**9, results[3]),
+    ):
         ok, got = _call(report, f"budget {budget:,} bytes", best_setting, list(results), budget)
         if ok:
             want = "None" if expected is None else expected.label
-            report.check(got == expected, f"budget {budget:,} bytes: {want}",
-                         f"budget {budget:,} bytes: got {getattr(got, 'label', got)!r}, expected {want}")
+            report.check(
+                got == expected,
+                f"budget {budget:,} bytes: {want}",
+                f"budget {budget:,} bytes: got {getattr(got, 'label', got)!r}, expected {want}",
+            )
     return report
 
 
@@ -632,10 +737,15 @@ def check_update_norm(update_norm) -> CheckReport:
         if not ok:
             continue
         hint = ""
-        if isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected / layer.scale, rel_tol=1e-5):
+        if isinstance(got, (int, float, torch.Tensor)) and math.isclose(
+            float(got), expected / layer.scale, rel_tol=1e-5
+        ):
             hint = " (the update is scaled by alpha / r)"
-        report.check(isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected, rel_tol=1e-5),
-                     f"{case}: ||dW||_F = {expected:.4f}", f"{case}: got {got!r}, expected {expected:.4f}{hint}")
+        report.check(
+            isinstance(got, (int, float, torch.Tensor)) and math.isclose(float(got), expected, rel_tol=1e-5),
+            f"{case}: ||dW||_F = {expected:.4f}",
+            f"{case}: got {got!r}, expected {expected:.4f}{hint}",
+        )
     return report
 
 
@@ -670,9 +780,11 @@ def check_dora_weight(dora_weight) -> CheckReport:
             ok, got = _call(report, case, dora_weight, W0.clone(), A.clone(), B.clone(), m.clone(), layer.scale)
             if not ok:
                 continue
-            if not report.require(isinstance(got, torch.Tensor) and got.shape == expected.shape,
-                                  f"{case}: expected a tensor of shape {tuple(expected.shape)}, got "
-                                  f"{getattr(got, 'shape', type(got).__name__)}"):
+            if not report.require(
+                isinstance(got, torch.Tensor) and got.shape == expected.shape,
+                f"{case}: expected a tensor of shape {tuple(expected.shape)}, got "
+                f"{getattr(got, 'shape', type(got).__name__)}",
+            ):
                 continue
             got = got.detach().float()
             direction = W0 + layer.scale * B @ A
@@ -685,14 +797,21 @@ def check_dora_weight(dora_weight) -> CheckReport:
             elif torch.allclose(got, direction, atol=1e-5):
                 hint = " (that is W0 + scale B A; DoRA then rescales each row to length m)"
             err = (got - expected).abs().max().item()
-            report.check(err <= 1e-5, f"{case}: matches DoRALinear's merged weight (max difference {err:.1e})",
-                         f"{case}: differs from DoRALinear's merged weight by up to {err:.3g}{hint}")
+            report.check(
+                err <= 1e-5,
+                f"{case}: matches DoRALinear's merged weight (max difference {err:.1e})",
+                f"{case}: differs from DoRALinear's merged weight by up to {err:.3g}{hint}",
+            )
     return report
 
 
 def _reference_frozen_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for layer in lora_layers(model).values()
-               for t in layer.adapter_tensors().values() if not isinstance(t, nn.Parameter))
+    return sum(
+        tensor_bytes(t)
+        for layer in lora_layers(model).values()
+        for t in layer.adapter_tensors().values()
+        if not isinstance(t, nn.Parameter)
+    )
 
 
 def check_frozen_adapter_bytes(frozen_adapter_bytes) -> CheckReport:
@@ -703,8 +822,8 @@ def check_frozen_adapter_bytes(frozen_adapter_bytes) -> CheckReport:
     for variant in ("lora", "lora_fa", "pissa", "vera"):
         model = _variant_model(variant, seed=3)
         expected = _reference_frozen_bytes(model)
-        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        every_buffer = sum(b.numel() * b.element_size() for l in lora_layers(model).values() for b in l.buffers())
+        trainable = sum(tensor_bytes(p) for p in model.parameters() if p.requires_grad)
+        every_buffer = sum(tensor_bytes(b) for l in lora_layers(model).values() for b in l.buffers())
         ok, got = _call(report, variant, frozen_adapter_bytes, model)
         if not ok:
             continue
@@ -715,6 +834,9 @@ def check_frozen_adapter_bytes(frozen_adapter_bytes) -> CheckReport:
             hint = " (that counts the trainable tensors too; only the frozen ones were asked for)"
         elif got == expected // 4:
             hint = " (that is a count of numbers; each fp32 number is 4 bytes)"
-        report.check(isinstance(got, int) and got == expected, f"{variant}: {expected:,} bytes",
-                     f"{variant}: got {got!r}, expected {expected:,} bytes{hint}")
+        report.check(
+            isinstance(got, int) and got == expected,
+            f"{variant}: {expected:,} bytes",
+            f"{variant}: got {got!r}, expected {expected:,} bytes{hint}",
+        )
     return report

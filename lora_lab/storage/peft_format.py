@@ -10,6 +10,7 @@ dora its use_dora (+ "lora_magnitude_vector"), pissa exports as the equivalent p
 and a variant PEFT cannot express (vera) is refused with its reason.
 Reading and writing the files needs no PEFT install; only `require_peft` (used to build PEFT models) does.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .files import CorruptFileError, nonfinite_names, read_json, read_tensors, write_bundle
+from ..lora import VARIANTS, LoRAConfig, LoRAError, require_lora
+from ..targets import tied_parameters, trainable_parameters
 from .adapters import install_adapter
-from .lora import VARIANTS, LoRAConfig, LoRAError, require_lora
-from .targets import tied_parameters, trainable_parameters
+from .files import CorruptFileError, nonfinite_names, read_json, read_tensors, write_bundle
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -29,9 +30,16 @@ PREFIX = "base_model.model."  # PeftModel -> LoraModel -> our GPT
 # PEFT options that change what LoRA computes; lora_lab implements only their defaults (falsy or "none"),
 # apart from use_rslora and use_dora, which select a variant.
 _UNSUPPORTED = {
-    "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
-    "fan_in_fan_out": False, "lora_bias": False, "trainable_token_indices": None, "target_parameters": None,
-    "layer_replication": None, "use_qalora": False, "alora_invocation_tokens": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "layer_replication": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
 }
 _EXPORTED_DEFAULTS = ("rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out")
 
@@ -41,7 +49,9 @@ def require_peft():
     try:
         import peft
     except ImportError:
-        raise ImportError("This needs the optional package 'peft': pip install 'lora-lab[peft]' (or pip install peft).")
+        raise ImportError(
+            "This needs the optional package 'peft': pip install 'lora-lab[peft]' (or pip install peft)."
+        ) from None
     return peft
 
 
@@ -51,8 +61,10 @@ def _trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
     params = trainable_parameters(model, config.trainable, layers)
     tied = {name for names in tied_parameters(model).values() for name in names}
     if tied & set(params):
-        raise LoRAError("PEFT's modules_to_save copies a module and unties its weight, so a trainable tied "
-                        "embedding (tok_emb / lm_head) cannot be exported to PEFT.")
+        raise LoRAError(
+            "PEFT's modules_to_save copies a module and unties its weight, so a trainable tied "
+            "embedding (tok_emb / lm_head) cannot be exported to PEFT."
+        )
     return {n.rpartition(".")[0]: model.get_submodule(n.rpartition(".")[0]) for n in params}
 
 
@@ -75,6 +87,13 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     tensors = {}
     for n, layer in layers.items():
         peft_r, peft_alpha, own = layer.to_peft()  # e.g. {"lora_A.weight": A (r, k), "lora_B.weight": B (d, r)}
+        d, k = layer.base.out_features, layer.base.in_features
+        if peft_r > min(d, k):  # PiSSA exports at rank 2r: such a file could not be imported back
+            raise LoRAError(
+                f"Variant {config.variant!r} at r={config.r} exports to PEFT as LoRA of rank {peft_r}, more than "
+                f"min(d, k) = {min(d, k)} of {n}; lora_lab could not import that back. Use a rank of at most "
+                f"{min(d, k) * config.r // peft_r}. Nothing was written."
+            )
         tensors.update({f"{PREFIX}{n}.{key}": t for key, t in own.items()})
     for n, module in to_save.items():
         tensors.update({f"{PREFIX}{n}.{p}": t for p, t in module.named_parameters()})
@@ -98,8 +117,14 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     }
     # PEFT's own layout, recognised by peft_type: only a PEFT LoRA folder with just these files is replaced.
     # No checksum is added: the config must stay exactly what PEFT reads.
-    return write_bundle(path, {PEFT_WEIGHTS: tensors, PEFT_CONFIG: peft_config}, config_file=PEFT_CONFIG,
-                        format_key="peft_type", format_tag="LORA", checksums=False)
+    return write_bundle(
+        path,
+        {PEFT_WEIGHTS: tensors, PEFT_CONFIG: peft_config},
+        config_file=PEFT_CONFIG,
+        format_key="peft_type",
+        format_tag="LORA",
+        checksums=False,
+    )
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -110,23 +135,37 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     path = Path(path)
     if not (path / PEFT_WEIGHTS).is_file() and (path / "adapter_model.bin").is_file():
-        raise CorruptFileError(f"{path} holds a pickled adapter_model.bin; lora_lab reads only safetensors "
-                               "(save with save_pretrained(..., safe_serialization=True)).")
+        raise CorruptFileError(
+            f"{path} holds a pickled adapter_model.bin; lora_lab reads only safetensors "
+            "(save with save_pretrained(..., safe_serialization=True))."
+        )
     cfg = read_json(path / PEFT_CONFIG)
     if cfg.get("peft_type") != "LORA":
         raise CorruptFileError(f"{path / PEFT_CONFIG} is not a PEFT LoRA config (peft_type {cfg.get('peft_type')!r}).")
     odd = {k: cfg[k] for k, default in _UNSUPPORTED.items() if cfg.get(k) and cfg[k] != default}
     if odd:
         raise LoRAError(f"{path}: PEFT options lora_lab does not implement: {odd}.")
-    flags = {"use_rslora": bool(cfg.get("use_rslora")), "use_dora": bool(cfg.get("use_dora"))}
-    variant = next(name for name, cls in VARIANTS.items() if cls.peft_flags == flags)  # lora, rslora or dora
+    flags = {k: cfg.get(k) or False for k in ("use_rslora", "use_dora")}  # absent or null: PEFT's default
+    wrong = {k: v for k, v in flags.items() if not isinstance(v, bool)}
+    if wrong:
+        raise CorruptFileError(f"{path / PEFT_CONFIG}: {wrong} should be true or false (JSON booleans).")
+    init = cfg.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):  # others (pissa, olora, loftq, ...) change the base weights too
+        raise LoRAError(
+            f"{path}: PEFT adapters made with init_lora_weights={init!r} are not plain LoRA on the original "
+            "weights, and lora_lab cannot import them (convert them to plain LoRA in PEFT first)."
+        )
+    matching = [name for name, cls in VARIANTS.items() if cls.peft_flags == flags]  # lora, rslora or dora
+    if not matching:
+        raise LoRAError(f"{path}: no lora_lab variant is PEFT's LoRA with {flags} (rsLoRA and DoRA together).")
+    variant = matching[0]
     ours = {suffix: mine for mine, suffix in VARIANTS[variant].peft_names.items()}  # PEFT suffix -> our name
     raw = read_tensors(path / PEFT_WEIGHTS)
     tensors, targets, trainable = {}, [], []
     for key, t in raw.items():
         if not key.startswith(PREFIX):
             raise CorruptFileError(f"{path / PEFT_WEIGHTS}: unexpected tensor {key!r} (expected prefix {PREFIX!r}).")
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX) :]
         for suffix, mine in ours.items():
             if name.endswith(f".{suffix}"):
                 module = name[: -len(f".{suffix}")]
@@ -138,14 +177,20 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             trainable.append(name.rpartition(".")[0])
     try:
         config = LoRAConfig(
-            r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0) or 0.0,
-            targets=tuple(sorted(set(targets))), trainable=tuple(sorted(set(trainable))),
-            init="kaiming" if cfg.get("init_lora_weights", True) is True else "gaussian", variant=variant,
+            r=cfg["r"],
+            alpha=cfg["lora_alpha"],
+            dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+            targets=tuple(sorted(set(targets))),
+            trainable=tuple(sorted(set(trainable))),
+            init="kaiming" if init is True else "gaussian",
+            variant=variant,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"{path / PEFT_CONFIG} is not a usable LoRA config: {err!r}") from None
     tied = {name for names in tied_parameters(model).values() for name in names}
     if tied & set(tensors):
-        raise LoRAError(f"{path} retrains {sorted(tied & set(tensors))}, a weight tied to another module here; "
-                        "PEFT unties it, lora_lab's GPT cannot.")
+        raise LoRAError(
+            f"{path} retrains {sorted(tied & set(tensors))}, a weight tied to another module here; "
+            "PEFT unties it, lora_lab's GPT cannot."
+        )
     return install_adapter(model, config, tensors, f"PEFT adapter {path}")

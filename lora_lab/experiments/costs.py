@@ -9,15 +9,16 @@ operators. Both counts are exact and the same on every machine, so chapter 05 an
     cost = step_cost(model, x, y)        # one forward + backward, the way train() runs it (autocast included)
     cost.flops, cost.operators
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode  # the documented __torch_dispatch__ hook
+from torch.utils.flop_counter import FlopCounterMode
 
-from .train import autocast_for
+from ..devices import autocast_for
 
 # Operators that only allocate without initialising: no kernel runs for them.
 ALLOCATING_ONLY = ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided")
@@ -47,8 +48,9 @@ class StepCost:
     operators: int  # operators run, forward and backward
 
 
-def step_cost(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device | None = None,
-              bf16: bool = True) -> StepCost:
+def step_cost(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device | None = None, bf16: bool = True
+) -> StepCost:
     """Count one forward + backward of `model` on (x, y) as lora_lab.train runs it (autocast_for(device, bf16)).
 
     The optimizer step is left out: it is one fused operator per group on a GPU and its cost depends on the

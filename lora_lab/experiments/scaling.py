@@ -2,6 +2,7 @@
 per step, full training vs LoRA, and the throughput of one mixed-adapter batch vs one pass per adapter vs
 swapping adapters on one base.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,11 +20,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .adapters import AdapterBank
-from .lora import LoRAConfig, apply_lora, lora_layers
-from .model import GPT, GPTConfig
-from .multi_adapter import MixedAdapterModel
-from .train import TrainConfig, train
+from ..lora import LoRAConfig, apply_lora, lora_layers
+from ..model import GPT, GPTConfig
+from ..storage.bank import AdapterBank
+from ..storage.mixed import MixedAdapterModel
+from ..train import TrainConfig, train
 
 
 @dataclass
@@ -45,8 +46,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _traffic_worker(rank: int, world: int, port: int, model_config: dict, lora_configs: list, steps: int,
-                    batch_size: int, out: str) -> None:
+def _traffic_worker(
+    rank: int, world: int, port: int, model_config: dict, lora_configs: list, steps: int, batch_size: int, out: str
+) -> None:
     """One rank: train a fresh GPT for `steps` steps per method and record DDP's gradient bytes (rank 0 writes)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -60,14 +62,27 @@ def _traffic_worker(rank: int, world: int, port: int, model_config: dict, lora_c
             model = GPT(config)
             if lora is not None:
                 apply_lora(model, LoRAConfig.from_dict(lora))
-            cfg = TrainConfig(max_iters=steps, batch_size=batch_size, eval_interval=steps, eval_iters=1,
-                              warmup_iters=0, device="cpu", bf16=False)
+            cfg = TrainConfig(
+                max_iters=steps,
+                batch_size=batch_size,
+                eval_interval=steps,
+                eval_iters=1,
+                warmup_iters=0,
+                device="cpu",
+                bf16=False,
+            )
             with contextlib.redirect_stdout(io.StringIO()):  # rank 0's notes: the caller prints the table
                 res = train(model, data, None, cfg, progress=False)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             name = "full" if lora is None else f"LoRA r={lora['r']} on {'+'.join(lora['targets'])}"
-            rows.append({"method": name, "trainable": trainable, "bytes_per_step": res.gradient_bytes_per_step,
-                         "predicted_bytes": 4 * trainable})
+            rows.append(
+                {
+                    "method": name,
+                    "trainable": trainable,
+                    "bytes_per_step": res.gradient_bytes_per_step,
+                    "predicted_bytes": 4 * trainable,
+                }
+            )
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(rows, f)
@@ -78,14 +93,22 @@ def _traffic_worker(rank: int, world: int, port: int, model_config: dict, lora_c
         dist.destroy_process_group()
 
 
-def gradient_traffic(model_config: GPTConfig, lora_configs: list[LoRAConfig | None], ranks: int = 2,
-                     steps: int = 2, batch_size: int = 1) -> list[TrafficRow]:
+def gradient_traffic(
+    model_config: GPTConfig, lora_configs: list[LoRAConfig | None], ranks: int = 2, steps: int = 2, batch_size: int = 1
+) -> list[TrafficRow]:
     """Start `ranks` CPU processes (gloo, 127.0.0.1) that train `model_config` with each LoRA config (None:
     full training) through train() under DDP, and return the bytes each rank all-reduced per step."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "traffic.json")
-        args = (ranks, _free_port(), model_config.to_dict(), [c if c is None else c.to_dict() for c in lora_configs],
-                steps, batch_size, out)
+        args = (
+            ranks,
+            _free_port(),
+            model_config.to_dict(),
+            [c if c is None else c.to_dict() for c in lora_configs],
+            steps,
+            batch_size,
+            out,
+        )
         mp.start_processes(_traffic_worker, args=args, nprocs=ranks, start_method="spawn")
         with open(out) as f:
             return [TrafficRow(**row) for row in json.load(f)]
@@ -112,8 +135,9 @@ def _median_seconds(runs: dict, repeats: int, clock) -> dict[str, float]:
 
 
 @torch.no_grad()
-def mixed_batch_throughput(base: GPT, adapters: dict[str, GPT], rows_per_adapter: int = 2,
-                           repeats: int = 5, seq_len: int | None = None) -> list[ServingRow]:
+def mixed_batch_throughput(
+    base: GPT, adapters: dict[str, GPT], rows_per_adapter: int = 2, repeats: int = 5, seq_len: int | None = None
+) -> list[ServingRow]:
     """Tokens/s of serving one batch where each adapter owns `rows_per_adapter` rows, three ways:
     one mixed batch (MixedAdapterModel), one pass per adapter through its own adapted model (preloaded,
     unmerged), and one pass per adapter on a single base that swaps adapters (AdapterBank.activate)."""
@@ -121,10 +145,11 @@ def mixed_batch_throughput(base: GPT, adapters: dict[str, GPT], rows_per_adapter
     names = list(adapters)
     T = seq_len or base.config.block_size
     device = next(base.parameters()).device
-    idx = torch.randint(0, base.config.vocab_size, (len(names) * rows_per_adapter, T),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    idx = torch.randint(
+        0, base.config.vocab_size, (len(names) * rows_per_adapter, T), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     row_names = [n for n in names for _ in range(rows_per_adapter)]
-    groups = {n: idx[i * rows_per_adapter:(i + 1) * rows_per_adapter] for i, n in enumerate(names)}
+    groups = {n: idx[i * rows_per_adapter : (i + 1) * rows_per_adapter] for i, n in enumerate(names)}
     mixed = MixedAdapterModel(base)
     for n, model in adapters.items():
         mixed.add(n, model)

@@ -8,32 +8,32 @@ dict and renderings as text and markdown. `lora-lab tour` only parses arguments 
 Output folder (claimed with files.claim_output_dir, so a folder of someone else's files is refused):
   adapter/ (save_adapter), merged/ (save_checkpoint), loss_curves.png, report.md, report.json.
 """
+
 from __future__ import annotations
 
 import copy
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from . import tasks
-from .adapters import save_adapter
-from .checkpoint import save_checkpoint
-from .files import claim_output_dir, folder_bytes, write_file_atomic, write_json_atomic
-from .finetune import (
-    DEFAULT_TASK, FinetuneResult, default_lora_config, finetune, finetune_config, loss_rows, plot_loss_curves,
-)
-from .lora import LoRAConfig, merge_and_unload, select_targets
-from .model import eval_mode
-from .outputs import check_adapter_target, check_checkpoint_target
-from .pretrained import Pretrained
-from .protocol import EVAL_CHARS, format_table
-from .sampling import sample_text
-from .train import TrainConfig
+from .. import tasks
+from ..experiments.defaults import DEFAULT_TASK, EVAL_CHARS, default_lora_config, finetune_config
+from ..experiments.finetune import FinetuneResult, finetune
+from ..experiments.pretrained import Pretrained
+from ..experiments.reports import format_table, loss_rows, plot_loss_curves
+from ..lora import LoRAConfig, merge_and_unload, select_targets
+from ..model import eval_mode
+from ..sampling import sample_text
+from ..storage.adapters import save_adapter
+from ..storage.checkpoint import save_checkpoint
+from ..storage.files import claim_output_dir, folder_bytes, write_file_atomic, write_json_atomic
+from ..storage.outputs import check_adapter_target, check_checkpoint_target
+from ..train import TrainConfig
 
 TOUR_OUTPUT_FORMAT = "lora_lab.tour.v1"
 # Speakers each text knows (rot13's is "KING RICHARD III:" in ROT13).
@@ -94,9 +94,14 @@ class TourReport:
     def numbers(self) -> dict:
         """The report's numbers, ready for JSON (what report.json holds)."""
         return {
-            "task": self.task, "results": [r.summary() for r in self.results], "base_params": self.base_params,
-            "adapter_bytes": self.adapter_bytes, "merged_bytes": self.merged_bytes,
-            "merge_max_logit_gap": self.merge_max_logit_gap, "merge_ok": self.merge_ok, "seconds": self.seconds,
+            "task": self.task,
+            "results": [r.summary() for r in self.results],
+            "base_params": self.base_params,
+            "adapter_bytes": self.adapter_bytes,
+            "merged_bytes": self.merged_bytes,
+            "merge_max_logit_gap": self.merge_max_logit_gap,
+            "merge_ok": self.merge_ok,
+            "seconds": self.seconds,
         }
 
     def _body(self) -> list[str]:
@@ -129,20 +134,47 @@ class TourReport:
     def to_text(self) -> str:
         title = f"lora-lab tour: LoRA on {self.task!r}"
         indent = lambda text: "    " + text.replace("\n", "\n    ")  # noqa: E731
-        lines = [title, "=" * len(title), "", *self._body(), *self._sizes(), "",
-                 f"sample from the base (prompt {self.prompt!r}, seed 0):", indent(self.prompt + self.samples["base"]),
-                 "sample after LoRA (same prompt and seed):", indent(self.prompt + self.samples["lora"]), "",
-                 f"loss curves: {self.loss_curves}", f"fine-tuning, merging and reporting took {self.seconds:.0f} s"]
+        lines = [
+            title,
+            "=" * len(title),
+            "",
+            *self._body(),
+            *self._sizes(),
+            "",
+            f"sample from the base (prompt {self.prompt!r}, seed 0):",
+            indent(self.prompt + self.samples["base"]),
+            "sample after LoRA (same prompt and seed):",
+            indent(self.prompt + self.samples["lora"]),
+            "",
+            f"loss curves: {self.loss_curves}",
+            f"fine-tuning, merging and reporting took {self.seconds:.0f} s",
+        ]
         return "\n".join(lines) + "\n"
 
     def to_markdown(self) -> str:
         fence = lambda text: "```text\n" + text + "\n```"  # noqa: E731
-        lines = [f"# lora-lab tour: LoRA on `{self.task}`", "", *self._body(), "## Sizes and the merge check", "",
-                 *(f"- {line}" for line in self._sizes()), "", "## Samples", "",
-                 f"From the base (prompt {self.prompt!r}, seed 0):", "", fence(self.prompt + self.samples["base"]), "",
-                 "After LoRA (same prompt and seed):", "", fence(self.prompt + self.samples["lora"]), "",
-                 f"![loss curves]({self.loss_curves.name})", "",
-                 f"Fine-tuning, merging and reporting took {self.seconds:.0f} s."]
+        lines = [
+            f"# lora-lab tour: LoRA on `{self.task}`",
+            "",
+            *self._body(),
+            "## Sizes and the merge check",
+            "",
+            *(f"- {line}" for line in self._sizes()),
+            "",
+            "## Samples",
+            "",
+            f"From the base (prompt {self.prompt!r}, seed 0):",
+            "",
+            fence(self.prompt + self.samples["base"]),
+            "",
+            "After LoRA (same prompt and seed):",
+            "",
+            fence(self.prompt + self.samples["lora"]),
+            "",
+            f"![loss curves]({self.loss_curves.name})",
+            "",
+            f"Fine-tuning, merging and reporting took {self.seconds:.0f} s.",
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -162,9 +194,10 @@ def run_tour(
 ) -> TourReport:
     """Fine-tune `base` on a task with LoRA (and in full unless compare_full=False), merge, and report.
 
-    lora defaults to finetune.default_lora_config() (r=8, alpha=16 on DEFAULT_TARGETS); the train configs
-    to `finetune_config` (the protocol's chosen rates). metadata (a JSON object, e.g. which base this is) is
-    stored with the adapter and the merged checkpoint. log, if given, receives a line at the start of each step. Raises finetune.DivergedError if the LoRA run
+    lora defaults to defaults.default_lora_config() (r=8, alpha=16 on DEFAULT_TARGETS); the train configs
+    to defaults.finetune_config (the protocol's chosen rates). metadata (a JSON object, e.g. which base this is) is
+    stored with the adapter and the merged checkpoint. log, if given, receives a line at the start of each step.
+    Raises finetune.DivergedError if the LoRA run
     diverged (nothing is saved then); the output folder is checked before any training.
     """
     say = log or (lambda line: None)
@@ -178,31 +211,60 @@ def run_tour(
     say(f"{len(task.train):,} characters to fine-tune on, {len(task.validation):,} to validate on")
 
     say(f"\n== 3. LoRA fine-tuning: r={lora.r}, alpha={lora.alpha:g}, targets {','.join(lora.targets)}")
-    lora_res = finetune(base.model, task, tokenizer, lora, lora_train_config or finetune_config(),
-                        progress=progress, eval_chars=eval_chars).require_finite()
+    lora_res = finetune(
+        base.model,
+        task,
+        tokenizer,
+        lora,
+        lora_train_config or finetune_config(),
+        progress=progress,
+        eval_chars=eval_chars,
+    ).require_finite()
     results = [lora_res]
     if compare_full:
         say("\n== 3b. Full fine-tuning, for comparison: every weight trainable")
-        results.append(finetune(base.model, task, tokenizer, None, full_train_config or finetune_config(full=True),
-                                progress=progress, eval_chars=eval_chars))
+        results.append(
+            finetune(
+                base.model,
+                task,
+                tokenizer,
+                None,
+                full_train_config or finetune_config(full=True),
+                progress=progress,
+                eval_chars=eval_chars,
+            )
+        )
 
     say("\n== 4. Merge: fold B A into W, save the adapter and the merged checkpoint")
     adapted = lora_res.model.cpu()
     adapter_dir = save_adapter(adapted, out / "adapter", metadata=metadata)
     merged = merge_and_unload(copy.deepcopy(adapted))
-    merged_dir = save_checkpoint(merged, out / "merged", metadata={
-        **(metadata or {}), "merged_from": str(adapter_dir.resolve())})
+    merged_dir = save_checkpoint(
+        merged, out / "merged", metadata={**(metadata or {}), "merged_from": str(adapter_dir.resolve())}
+    )
     gap = max_logit_gap(adapted, merged)
     curves = plot_loss_curves(results, out / "loss_curves.png")
     prompt = TOUR_PROMPTS.get(task.name, "\n")
-    samples = {name: sample_text(model, tokenizer, prompt, SAMPLE_CHARS, SAMPLE_TEMPERATURE, None, 0)
-               for name, model in (("base", base.model), ("lora", adapted))}
+    samples = {
+        name: sample_text(model, tokenizer, prompt, SAMPLE_CHARS, SAMPLE_TEMPERATURE, None, 0)
+        for name, model in (("base", base.model), ("lora", adapted))
+    }
     c = base.model.config
     report = TourReport(
-        task=task.name, task_description=task.description, base_shape=f"{c.n_layer} layers x {c.n_embd} dims",
-        base_params=base.model.num_parameters(), lora=lora, results=results, adapter_dir=adapter_dir,
-        merged_dir=merged_dir, adapter_bytes=folder_bytes(adapter_dir), merged_bytes=folder_bytes(merged_dir),
-        merge_max_logit_gap=gap, prompt=prompt, samples=samples, loss_curves=curves,
+        task=task.name,
+        task_description=task.description,
+        base_shape=f"{c.n_layer} layers x {c.n_embd} dims",
+        base_params=base.model.num_parameters(),
+        lora=lora,
+        results=results,
+        adapter_dir=adapter_dir,
+        merged_dir=merged_dir,
+        adapter_bytes=folder_bytes(adapter_dir),
+        merged_bytes=folder_bytes(merged_dir),
+        merge_max_logit_gap=gap,
+        prompt=prompt,
+        samples=samples,
+        loss_curves=curves,
         seconds=time.perf_counter() - t0,
     )
     write_file_atomic(out / "report.md", report.to_markdown())
