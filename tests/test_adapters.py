@@ -597,3 +597,17 @@ def test_integrity_cannot_be_switched_off_by_deleting_a_field(deleted, tmp_path)
     if deleted == "base_weights_sha256":  # allow_other_base skips the digest check anyway: nothing else is lost
         assert lora_layers(load_adapter(copy.deepcopy(base), tmp_path / "ad", allow_other_base=True))
     assert lora_layers(load_adapter(model, tmp_path / "ad", allow_unverified=True))
+
+
+def test_an_adapter_loaded_into_an_eval_model_runs_in_eval_mode(tmp_path):
+    # LoRA dropout must not run in eval mode: loading, banking and applying keep the model's mode.
+    save_adapter(adapted(tiny_gpt(), LoRAConfig(r=2, dropout=0.3), seed=3), tmp_path / "ad")
+    for fresh in (tiny_gpt().eval(), adapted(tiny_gpt(), LoRAConfig(r=2, dropout=0.3), seed=4).eval()):
+        model = load_adapter(fresh, tmp_path / "ad")
+        assert not model.training and not any(m.training for m in model.modules())
+        with torch.no_grad():
+            assert torch.equal(model(tokens())[0], model(tokens())[0])
+    bank = AdapterBank(tiny_gpt().eval())
+    bank.add("a", tmp_path / "ad")
+    bank.activate("a")
+    assert not any(m.training for m in bank.model.modules())

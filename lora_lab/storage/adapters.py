@@ -398,7 +398,8 @@ def _install(model: nn.Module, config: LoRAConfig, tensors: dict) -> nn.Module:
     with torch.no_grad():
         for layer in lora_layers(model).values():  # an adapted model takes the adapter's alpha and dropout
             layer.alpha = float(config.alpha)
-            layer.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+            dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+            layer.lora_dropout = dropout.train(layer.training)  # a new module would start in training mode
         for n, t in tensors.items():
             state[n].copy_(t)  # cast to the model's dtype and device
     model.lora_config = config
