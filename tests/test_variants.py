@@ -500,8 +500,8 @@ def test_finetune_reports_the_original_base(variant, tmp_path, scratch_variants)
     from test_tasks import write_synthetic_corpus
 
     from lora_lab import CharTokenizer
-    from lora_lab.experiments.finetune import encode_task, finetune, finetune_config
     from lora_lab.experiments.estimator import task_scores
+    from lora_lab.experiments.finetune import encode_task, finetune, finetune_config
     from lora_lab.tasks import make_task
 
     text = write_synthetic_corpus(tmp_path / "input.txt", n_turns=400).read_text()
