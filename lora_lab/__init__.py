@@ -2,7 +2,7 @@
 
 The package is a spine and four rooms; imports run one way, left to right (tests/test_layering.py checks it):
 
-    spine        errors, data, tasks, model, sampling, targets, fused, lora, devices, distributed, train
+    spine        errors, data, tasks, model, sampling, targets, fused, lora, nf4, devices, distributed, train
     storage/     files, checkpoints, adapter files, banks of adapters, mixed-adapter batches, PEFT's format
     variants/    the built-in LoRA variants and check_variant, the contract every variant keeps
     experiments/ pretrained bases, the fair-comparison protocol, fine-tuning, costs, scaling, reports
@@ -37,6 +37,7 @@ from .lora import (
     unmerge_lora,
 )
 from .model import GPT, GPTConfig
+from .nf4 import NF4Linear, NF4Weight, bits_per_parameter, dequantize_nf4, nf4_codebook, quantize_base, quantize_nf4
 from .storage.adapters import load_adapter, save_adapter
 from .storage.bank import AdapterBank
 from .storage.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint

@@ -1,4 +1,4 @@
-"""The `lora-lab` command: pretrain, sample, fine-tune, compare, merge, sweep, and the guided `tour`.
+"""The `lora-lab` command: pretrain, sample, fine-tune, compare, merge, sweep, the guided `tour`, and `course`.
 
 This module parses arguments and prints; the work is done by the library (finetune, studies, tour, ...).
 Every subcommand explains its options with --help; an option a subcommand accepts is used, or refused where it
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
+from .course.nbgrader import build_nbgrader_course, check_nbgrader_output, teaching_table
 from .course.tour import check_tour_output, max_logit_gap, run_tour
 from .data import CharTokenizer, DataUnavailableError
 from .devices import pick_device
@@ -38,11 +41,24 @@ from .experiments.defaults import (
     DEFAULT_TARGETS,
     DEFAULT_TASK,
     EVAL_CHARS,
+    FULL_LEARNING_RATES,
+    LORA_LEARNING_RATES,
     STEPS,
     default_lora_config,
     finetune_config,
 )
-from .experiments.finetune import DivergedError, check_lora_config, finetune
+from .experiments.finetune import DivergedError, check_lora_config, finetune, method_label
+from .experiments.leaderboard import (
+    MAX_EXTENSIONS,
+    REPORT_SEEDS,
+    SELECTION_SEED,
+    check_leaderboard_output,
+    check_seeds,
+    contestants,
+    leaderboard,
+    write_leaderboard,
+)
+from .experiments.paper_lab import check_paper_lab_output, run_paper_lab, write_paper_lab
 from .experiments.pretrained import (
     PRESETS,
     Pretrained,
@@ -54,17 +70,33 @@ from .experiments.pretrained import (
 )
 from .experiments.protocol import check_compare_output, write_comparison
 from .experiments.reports import format_table, loss_rows
+from .experiments.stats import MIN_SEEDS
 from .experiments.studies import check_sweep_output, lora_vs_full, rank_sweep, sweep_configs
 from .lora import VARIANTS, LoRAConfig, LoRAError, merge_and_unload, resolve_variant
+from .model import GPT
+from .nf4 import nf4_layers, quantize_base
 from .sampling import sample_text
 from .storage.adapters import CONFIG_FILE as ADAPTER_CONFIG
 from .storage.adapters import save_adapter
 from .storage.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
-from .storage.files import CorruptFileError, folder_bytes
+from .storage.files import CorruptFileError, bundle_exists, folder_bytes
 from .storage.outputs import check_adapter_target, check_checkpoint_target, claimed_output
+from .tensorboard_logs import require_tensorboard, run_log_dir
 
 PROG = "lora-lab"
 MAX_SEED = 2**63 - 1  # torch takes 64-bit seeds; training adds the process rank and 1 to it
+# The numeric options' bounds: generous, but no value the parser accepts fails later (a hang allocating a billion
+# sequences, a MemoryError from a million threads, an alpha that overflows float32). Each --help states its own.
+MAX_STEPS = 10**6  # training steps of one run
+MAX_EVAL_CHARS = 10**8  # tiny-shakespeare has about 1.1 million characters: more means all of them
+MAX_CHARS = 10**6  # characters `sample` generates
+MAX_TOKENS_PER_STEP = 2**18  # --batch-size x the preset's block size: 16 times the small preset's own step
+MAX_ALPHA = 1e6  # LoRA alpha: past this the scale alpha / r overflows float32 on ordinary activations
+TEMPERATURES = (1e-6, 1e6)  # below: greedy already (and logits / T overflow near 1e-38); above: uniform already
+MAX_REPORT_SEEDS = 1_000  # --seeds: one fine-tune per seed and method
+MAX_GRID_EXTENSIONS = 32  # --max-extensions: each doubles or halves a rate, 2**32 keeps it well inside float32
+FLOAT32_MAX, FLOAT32_TINY = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
+MAX_THREADS = os.cpu_count() or 1  # more torch threads than CPUs only slow it down
 
 
 class UsageError(Exception):
@@ -91,14 +123,39 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+def _int_in(low: int, high: int):
+    """An argument type: an integer from `low` to `high` (the message states the range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low:,} to {high:,}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float):
+    """An argument type: a number from `low` to `high` (so finite, and a float32 number when they are)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be a number from {low:.3g} to {high:.3g}, got {text!r}")
+        return value
+
+    return parse
+
+
+_learning_rate = _float_in(FLOAT32_TINY, FLOAT32_MAX)  # the optimizer steps in float32
+_steps = _int_in(1, MAX_STEPS)
+_eval_chars = _int_in(1, MAX_EVAL_CHARS)
 
 
 def _option_type(default):
@@ -111,6 +168,20 @@ def _option_type(default):
             return text.lower() in ("true", "1")
 
         return boolean
+    if isinstance(default, float):  # a variant's float option: finite and a float32 number (either sign)
+
+        def number(text: str) -> float:
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not abs(value) <= FLOAT32_MAX:
+                raise argparse.ArgumentTypeError(
+                    f"must be a finite number within float32's +-{FLOAT32_MAX:.3g}, got {text!r}"
+                )
+            return value
+
+        return number
     return type(default)
 
 
@@ -130,6 +201,28 @@ def _variant(text: str) -> str:
         return resolve_variant(text).variant
     except LoRAError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    """Leaderboard methods: "full", or a variant by name, entry point or import path (imported and checked now)."""
+    methods = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not methods:
+        raise argparse.ArgumentTypeError(f"needs at least one method, got {text!r}")
+    for spec in methods:
+        if spec != "full":
+            try:
+                resolve_variant(spec)
+            except LoRAError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+    return methods
+
+
+def _grid(text: str) -> tuple[str, tuple[float, ...]]:
+    """METHOD=R1,R2,...: one method's learning-rate grid."""
+    method, sep, rates = text.partition("=")
+    if not sep or not method.strip() or not rates.strip():
+        raise argparse.ArgumentTypeError(f"expected METHOD=R1,R2,... (e.g. vera=0.01,0.02), got {text!r}")
+    return method.strip(), tuple(_learning_rate(r.strip()) for r in rates.split(","))
 
 
 def _rank_list(text: str) -> list[int]:
@@ -157,16 +250,16 @@ def _out_path(text: str) -> Path:
 
 def _adapter_dir(text: str) -> Path:
     path = Path(text).expanduser()
-    if not path.is_dir():
+    if not bundle_exists(path):  # also while a write without renameat2 has the adapter moved aside for a moment
         raise argparse.ArgumentTypeError(f"adapter folder {text!r} does not exist")
-    if not (path / ADAPTER_CONFIG).is_file():
+    if not bundle_exists(path, ADAPTER_CONFIG):
         raise argparse.ArgumentTypeError(f"{text!r} is not a LoRA adapter folder (it has no {ADAPTER_CONFIG})")
     return path
 
 
 def _checkpoint_dir(text: str) -> Path:
     path = Path(text).expanduser()
-    if not (path / CONFIG_FILE).is_file():
+    if not bundle_exists(path, CONFIG_FILE):
         raise argparse.ArgumentTypeError(f"checkpoint folder {text!r} does not exist or has no {CONFIG_FILE}")
     return path
 
@@ -206,7 +299,7 @@ def _common_options() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="pretrain the base for N steps instead of the preset's: a quick, rough base for tests "
-        "and demos (cached separately)",
+        "and demos (cached separately); at most the preset's own steps",
     )
     g.add_argument(
         "--device",
@@ -216,10 +309,10 @@ def _common_options() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_int_in(1, MAX_THREADS),
         metavar="N",
-        help="CPU threads for torch (default: torch's choice); 1 is often fastest for the tiny "
-        "preset on a busy or 2-core machine",
+        help="CPU threads for torch, 1 to this machine's CPU count, "
+        f"{MAX_THREADS} (default: torch's choice); 1 is often fastest for the tiny preset on a busy or 2-core machine",
     )
     g.add_argument("--quiet", action="store_true", help="hide progress bars")
     return p
@@ -241,8 +334,8 @@ def _finetune_options(default_task: str = DEFAULT_TASK, sweep: bool = False) -> 
         g.add_argument("--rank", "-r", type=_positive_int, help=f"LoRA rank r (default: {DEFAULT_RANK})")
     g.add_argument(
         "--alpha",
-        type=_positive_float,
-        help="LoRA alpha; the update is scaled by alpha / r (default: 16 for every rank)",
+        type=_float_in(FLOAT32_TINY, MAX_ALPHA),
+        help=f"LoRA alpha; the update is scaled by alpha / r (default: 16 for every rank; at most {MAX_ALPHA:g})",
     )
     g.add_argument(
         "--targets",
@@ -262,40 +355,45 @@ def _finetune_options(default_task: str = DEFAULT_TASK, sweep: bool = False) -> 
     )
     g.add_argument(
         "--lora-plus",
-        type=_positive_float,
+        type=_float_in(FLOAT32_TINY, FLOAT32_MAX),
         nargs="?",
         const=16.0,
         metavar="RATIO",
-        help="LoRA+: train B at RATIO x the learning rate of A (default when given: 16)",
+        help="LoRA+: train B at RATIO x the learning rate of A, a float32 number (default when given: 16)",
     )
     g.add_argument(
-        "--steps", type=_positive_int, default=lora.max_iters, help=f"fine-tuning steps (default: {lora.max_iters})"
+        "--steps",
+        type=_steps,
+        default=lora.max_iters,
+        help=f"fine-tuning steps, 1 to {MAX_STEPS:,} (default: {lora.max_iters})",
     )
     g.add_argument(
         "--lr",
-        type=_positive_float,
-        help=f"peak learning rate (default: {lora.learning_rate:g} for LoRA, "
+        type=_learning_rate,
+        help=f"peak learning rate, a float32 number (default: {lora.learning_rate:g} for LoRA, "
         f"{full.learning_rate:g} for full fine-tuning)",
     )
     g.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=_int_in(1, MAX_TOKENS_PER_STEP),
         default=lora.batch_size,
-        help=f"sequences per step (default: {lora.batch_size})",
+        help=f"sequences per step, at most {MAX_TOKENS_PER_STEP:,} characters in all: {MAX_TOKENS_PER_STEP:,} / the "
+        f"preset's block size (default: {lora.batch_size})",
     )
     g.add_argument(
         "--seed", type=_seed, default=lora.seed, help=f"training seed, 0 to 2**63 - 1 (default: {lora.seed})"
     )
     g.add_argument(
         "--eval-chars",
-        type=_positive_int,
+        type=_eval_chars,
         default=EVAL_CHARS,
-        help=f"validation characters scored exactly, for the loss curve and the table alike (default: {EVAL_CHARS})",
+        help=f"validation characters scored exactly, for the loss curve and the table alike, 1 to {MAX_EVAL_CHARS:,} "
+        f"(default: {EVAL_CHARS})",
     )
     # Each variant's own hyperparameters become options (--vera-seed, ...), read from the registry (a variant of
     # the user's own is in it once main has imported it). A name lora-lab already uses cannot be one of them.
     taken = {s for parser in (p, _common_options()) for a in parser._actions for s in a.option_strings}
-    taken |= {"--full", "--out", "--ranks", "--no-full"}  # the subcommands' own
+    taken |= {"--full", "--qlora", "--out", "--ranks", "--no-full"}  # the subcommands' own
     added = set()
     for cls in VARIANTS.values():
         for name, default in cls.options.items():
@@ -317,6 +415,17 @@ def _finetune_options(default_task: str = DEFAULT_TASK, sweep: bool = False) -> 
     return p
 
 
+def _tensorboard_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tensorboard",
+        type=_out_path,
+        metavar="DIR",
+        help="write TensorBoard logs (loss, learning rate, gradient norm, evaluations) under DIR, one folder per run "
+        "(<task>/<method>/seed=<n>); view them with `tensorboard --logdir DIR`; needs the tensorboard extra: "
+        "pip install 'lora-lab[tensorboard]'",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -336,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         "print where it is cached and its losses.",
     )
     p.add_argument("--retrain", action="store_true", help="train again even if a cached model exists")
+    _tensorboard_option(p)
     p.set_defaults(run=cmd_pretrain)
 
     p = sub.add_parser(
@@ -346,14 +456,26 @@ def build_parser() -> argparse.ArgumentParser:
         "a saved checkpoint (e.g. a merged one).",
     )
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--chars", "-n", type=_positive_int, default=300, help="characters to generate (default: 300)")
+    p.add_argument(
+        "--chars",
+        "-n",
+        type=_int_in(1, MAX_CHARS),
+        default=300,
+        help=f"characters to generate, 1 to {MAX_CHARS:,} (default: 300)",
+    )
     p.add_argument(
         "--temperature",
-        type=_positive_float,
+        type=_float_in(*TEMPERATURES),
         default=0.8,
-        help="sampling temperature; lower is more conservative (default: 0.8)",
+        help=f"sampling temperature, {TEMPERATURES[0]:g} to {TEMPERATURES[1]:g}; lower is more conservative "
+        "(default: 0.8)",
     )
-    p.add_argument("--top-k", type=_positive_int, help="sample only among the k likeliest characters (default: all)")
+    p.add_argument(
+        "--top-k",
+        type=_positive_int,
+        help="sample only among the k likeliest characters; any k from the vocabulary's size up means all "
+        "(default: all)",
+    )
     p.add_argument("--seed", type=_seed, default=0, help="sampling seed, 0 to 2**63 - 1 (default: 0)")
     source = p.add_mutually_exclusive_group()
     source.add_argument(
@@ -388,37 +510,113 @@ def build_parser() -> argparse.ArgumentParser:
         help="full fine-tuning: train every weight and save a full checkpoint instead of an adapter",
     )
     p.add_argument(
+        "--qlora",
+        action="store_true",
+        help="QLoRA: quantize the base's attention and MLP linears to 4-bit NF4 (lora_lab.nf4.quantize_base), "
+        "then train LoRA on top; the adapter is bound to the quantized base",
+    )
+    p.add_argument(
         "--out",
         type=_out_path,
         metavar="DIR",
         help="where to save the adapter / checkpoint: a new or empty folder, or one this command "
         "wrote before (default: runs/<task>-lora-r<rank> or runs/<task>-full)",
     )
+    _tensorboard_option(p)
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser(
         "compare",
         parents=[common],
-        help="base vs LoRA vs full fine-tuning, 3 seeds (the protocol)",
+        help="base vs LoRA vs full fine-tuning (the protocol), or a leaderboard of any methods (--methods)",
         description="The fair comparison (lora_lab.protocol): base, LoRA (alpha = 16) and full "
         "fine-tuning, each at its chosen learning rate (or --sweep: each method's "
-        "grid), 3 seeds, mean ± std and a noise line. Runs are cached.",
+        "grid), 3 seeds, mean ± std and a noise line. Runs are cached. "
+        "With --methods (lora,dora,vera,full,mypkg.lora_xs:LoRAXS) it runs the leaderboard instead "
+        "(lora_lab.experiments.leaderboard): every method at a matched --budget of trainable numbers (or an equal "
+        "--rank), its learning rate chosen on the validation text by a grid that extends at its edges, 5 paired "
+        "seeds reported on the test text, paired 95% intervals and Holm-adjusted verdicts; it prints which "
+        "differences are real and writes leaderboard.md/.csv/.json, a quality-vs-memory plot and a "
+        "reproducibility record. Runs are cached: an interrupted leaderboard continues where it stopped.",
     )
     p.add_argument(
         "--task", choices=sorted(tasks.TASKS), default=DEFAULT_TASK, help=f"the task (default: {DEFAULT_TASK})"
     )
     p.add_argument(
-        "--rank", "-r", type=_positive_int, default=DEFAULT_RANK, help=f"LoRA rank (default: {DEFAULT_RANK})"
+        "--rank",
+        "-r",
+        type=_positive_int,
+        help=f"LoRA rank (default: {DEFAULT_RANK}); with --methods: every variant at this rank (the equal-rank view)",
     )
     p.add_argument("--sweep", action="store_true", help="sweep each method's learning-rate grid first (14 runs, not 6)")
-    p.add_argument("--steps", type=_positive_int, default=STEPS, help=f"fine-tuning steps (default: {STEPS})")
+    p.add_argument(
+        "--steps", type=_steps, default=STEPS, help=f"fine-tuning steps, 1 to {MAX_STEPS:,} (default: {STEPS})"
+    )
+    p.add_argument(
+        "--eval-chars",
+        type=_eval_chars,
+        default=EVAL_CHARS,
+        help=f"characters scored exactly per text, for the curves and the table alike, 1 to {MAX_EVAL_CHARS:,} "
+        f"(default: {EVAL_CHARS})",
+    )
+    g = p.add_argument_group("leaderboard (with --methods)")
+    g.add_argument(
+        "--methods",
+        type=_method_list,
+        metavar="M1,M2,...",
+        help="the methods to rank, the first one the reference of every verdict: full, a built-in variant "
+        f"({', '.join(sorted(VARIANTS))}), a name published in the entry-point group lora_lab.variants, or an "
+        "import path such as mypkg.lora_xs:LoRAXS",
+    )
+    g.add_argument(
+        "--budget",
+        type=_positive_int,
+        metavar="N",
+        help="matched budget: each variant at the largest rank whose trainable count does not exceed N "
+        "(full fine-tuning trains every weight whatever N)",
+    )
+    g.add_argument(
+        "--seeds",
+        type=_int_in(1, MAX_REPORT_SEEDS),
+        metavar="N",
+        help=f"paired seeds 0..N-1 reported per method, {MIN_SEEDS} to {MAX_REPORT_SEEDS:,} "
+        f"(default: {len(REPORT_SEEDS)})",
+    )
+    g.add_argument(
+        "--selection-seed",
+        type=_seed,
+        metavar="S",
+        help=f"the seed learning rates are chosen with, not one of the reported seeds (default: {SELECTION_SEED})",
+    )
+    g.add_argument(
+        "--grid",
+        type=_grid,
+        action="append",
+        metavar="METHOD=R1,R2,...",
+        help="a learning-rate grid of one method, e.g. vera=0.01,0.02 (repeatable; default: "
+        f"{','.join(f'{r:g}' for r in LORA_LEARNING_RATES)} for variants, "
+        f"{','.join(f'{r:g}' for r in FULL_LEARNING_RATES)} for full)",
+    )
+    g.add_argument(
+        "--max-extensions",
+        type=_int_in(0, MAX_GRID_EXTENSIONS),
+        metavar="N",
+        help=f"factor-2 steps a grid may grow by while its best rate is at an edge, 0 to {MAX_GRID_EXTENSIONS} "
+        f"(default: {MAX_EXTENSIONS})",
+    )
+    g.add_argument(
+        "--reference",
+        choices=("first", "best"),
+        help="what every verdict compares with: the first of --methods or the best (default: first)",
+    )
     p.add_argument(
         "--out",
         type=_out_path,
-        default=_out_path("runs/compare"),
         metavar="DIR",
-        help="output folder: new, empty, or an earlier comparison's (default: runs/compare)",
+        help="output folder: new, empty, or an earlier comparison's (default: runs/compare; with --methods: an "
+        "earlier leaderboard's, default runs/leaderboard)",
     )
+    _tensorboard_option(p)
     p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser(
@@ -466,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder for sweep.csv and sweep.png: new, empty, or an earlier sweep's (default: runs/sweep)",
     )
+    _tensorboard_option(p)
     p.set_defaults(run=cmd_sweep)
 
     p = sub.add_parser(
@@ -486,6 +685,80 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder: new, empty, or an earlier tour's (default: runs/tour)",
     )
     p.set_defaults(run=cmd_tour)
+
+    p = sub.add_parser(
+        "paper-lab",
+        parents=[common],
+        help="chapter 10's analyses of the update (spectrum, subspace similarity, Table 7, intruders)",
+        description="Fine-tune the base in several ways (full; LoRA at r = 1, 4, 8 and a high rank; a second seed; "
+        "rsLoRA) and rerun the LoRA paper's section 7 analyses on the updates: CSV tables, PNG figures and "
+        "the findings, each reproduced / partly / not reproduced with the reason.",
+    )
+    p.add_argument("--task", choices=sorted(tasks.TASKS), default="echo", help="the task (default: echo)")
+    p.add_argument(
+        "--steps", type=_steps, default=120, help=f"fine-tuning steps per run, 1 to {MAX_STEPS:,} (default: 120)"
+    )
+    p.add_argument(
+        "--high-rank", type=_positive_int, default=64, help="the high rank compared with r = 8 (default: 64)"
+    )
+    p.add_argument(
+        "--eval-chars",
+        type=_eval_chars,
+        default=4_096,
+        help=f"characters scored per text, 1 to {MAX_EVAL_CHARS:,} (default: 4096)",
+    )
+    p.add_argument(
+        "--out",
+        type=_out_path,
+        default=_out_path("runs/paper_lab"),
+        metavar="DIR",
+        help="folder for the CSV tables and PNG figures: new, empty, or an earlier paper lab's "
+        "(default: runs/paper_lab)",
+    )
+    p.set_defaults(run=cmd_paper_lab)
+
+    course = sub.add_parser(
+        "course",
+        help="teaching tools: nbgrader assignments generated from the chapters",
+        description="Teaching with lora_lab: build an nbgrader course from the chapters, or print the chapters' table.",
+    )
+    course_sub = course.add_subparsers(
+        dest="course_command",
+        required=True,
+        metavar="COMMAND",
+        help="nbgrader: build the course folder; table: print the chapters' table",
+    )
+    chapter_options = _Parser(add_help=False)
+    chapter_options.add_argument(
+        "--notebooks",
+        type=_out_path,
+        metavar="DIR",
+        help="the folder with the chapter notebooks and solutions.ipynb (default: notebooks/ next to the package)",
+    )
+    chapter_options.add_argument(
+        "--chapters",
+        nargs="+",
+        metavar="CHAPTER",
+        help="chapters by number or name, e.g. 01 02_parameter_counts (default: every chapter with exercises)",
+    )
+    p = course_sub.add_parser(
+        "nbgrader",
+        parents=[chapter_options],
+        help="build an nbgrader course folder (one assignment per chapter)",
+        description="Build an nbgrader course folder from the chapters and solutions.ipynb: solution cells with "
+        "the worked solutions, a graded test cell per exercise that runs lora_lab's checker, the rest locked, and "
+        "nbgrader_config.py. Then: cd OUT && nbgrader generate_assignment 01_low_rank.",
+    )
+    p.add_argument("out", type=_out_path, metavar="OUT", help="the course folder: new, empty, or an earlier course's")
+    p.set_defaults(run=cmd_course_nbgrader, threads=None)
+    p = course_sub.add_parser(
+        "table",
+        parents=[chapter_options],
+        help="print the chapters' times, prerequisites and objectives (the README's table)",
+        description="Print, as a Markdown table, what each chapter says about itself: its measured time, "
+        "prerequisites and objectives.",
+    )
+    p.set_defaults(run=cmd_course_table, threads=None)
     return parser
 
 
@@ -536,12 +809,30 @@ def _claimed(path: Path, claim):
     return claimed_output(path, lambda p: _checked_out(claim, p))
 
 
-def _load_base(args, retrain: bool = False) -> Pretrained:
+def _checked_tensorboard(args) -> Path | None:
+    """--tensorboard DIR: a folder that can be written, and the tensorboard package there (exit 2 before any work).
+    A folder that holds files already is fine: event files get names of their own and nothing is removed."""
+    if args.tensorboard is None:
+        return None
+    _writable_folder(args.tensorboard, "--tensorboard")
+    try:
+        require_tensorboard()
+    except ImportError as err:
+        raise _usage(f"--tensorboard: {err}") from None
+    return args.tensorboard
+
+
+def _load_base(args, retrain: bool = False, log_dir: Path | None = None) -> Pretrained:
     _checked_cache(args)
     iters = args.pretrain_iters
+    train_config = pretrain_config(args.preset, iters) if iters else None
+    if log_dir is not None:  # pretrain --tensorboard: the base's own training (or its recorded history)
+        label = args.preset if iters is None else f"{args.preset} {iters} steps"
+        config = pretrain_config(args.preset, iters)  # the preset's own when iters is None
+        train_config = replace(config, log_dir=run_log_dir(log_dir, "pretrain", label, config.seed))
     return pretrained_base(
         args.preset,
-        train_config=pretrain_config(args.preset, iters) if iters else None,
+        train_config=train_config,
         data_source=args.data,
         cache=args.cache,
         device=args.device,
@@ -551,8 +842,9 @@ def _load_base(args, retrain: bool = False) -> Pretrained:
 
 
 ALLOW_UNVERIFIED = (
-    "load an adapter whose config has no checksums or no base-weights digest (from lora_lab 0.1, or edited): "
-    "what cannot be checked is named, and loaded anyway"
+    "load an adapter whose config has no checksums or no base-weights digest (from lora_lab 0.1, or edited), or a "
+    "checkpoint (--checkpoint, or the adapter's recorded base) whose config has no checksum: what cannot be "
+    "checked is named, and loaded anyway"
 )
 
 
@@ -615,6 +907,39 @@ def _lora_config(args, rank: int | None = None) -> LoRAConfig:
     return config
 
 
+def _check_ranges(args) -> None:
+    """The bounds that depend on the preset or on another option, checked right after parsing (exit 2, before
+    any work): the characters of one step, quick-pretraining steps, B's learning rate under LoRA+, a rank."""
+    preset = getattr(args, "preset", None)
+    if preset is None:
+        return
+    model_config, train_config = PRESETS[preset]
+    if getattr(args, "batch_size", None) is not None:
+        most = MAX_TOKENS_PER_STEP // model_config.block_size
+        if args.batch_size > most:
+            raise _usage(
+                f"--batch-size: at most {most:,} sequences of the {preset} preset's {model_config.block_size} "
+                f"characters ({MAX_TOKENS_PER_STEP:,} characters per step), got {args.batch_size:,}"
+            )
+    if args.pretrain_iters is not None and args.pretrain_iters > train_config.max_iters:
+        raise _usage(
+            f"--pretrain-iters: a quick base of 1 to {train_config.max_iters:,} steps (the {preset} preset's own), "
+            f"got {args.pretrain_iters:,}"
+        )
+    if getattr(args, "lora_plus", None) is not None:
+        rates = [args.lr] if args.lr is not None else [finetune_config().learning_rate]
+        if any(rate * args.lora_plus > FLOAT32_MAX for rate in rates):
+            raise _usage(
+                f"--lora-plus: {args.lora_plus:g} x the learning rate {rates[0]:g} (B's rate) is beyond float32's "
+                f"{FLOAT32_MAX:.3g}"
+            )
+    if args.command == "compare" and args.rank is not None and args.methods is None:
+        try:  # the protocol's LoRA at this rank, before the base is loaded
+            check_lora_config(default_lora_config(args.rank, DEFAULT_TARGETS), model_config)
+        except LoRAError as err:
+            raise _usage(f"--rank: {err}") from None
+
+
 def _refuse_unused(args, *names: str, why: str) -> None:
     given = [n for n in names if getattr(args, n.lstrip("-").replace("-", "_"), None) not in (None, False)]
     if given:
@@ -625,9 +950,16 @@ def _refuse_unused(args, *names: str, why: str) -> None:
 # Subcommands
 
 
+def _say_where_logs_are(log_dir: Path | None) -> None:
+    if log_dir is not None:
+        _say(f"TensorBoard logs under {log_dir}: view them with  tensorboard --logdir {log_dir}")
+
+
 def cmd_pretrain(args) -> int:
-    base = _load_base(args, retrain=args.retrain)
+    log_dir = _checked_tensorboard(args)
+    base = _load_base(args, retrain=args.retrain, log_dir=log_dir)
     _say(_describe_base(base))
+    _say_where_logs_are(log_dir)
     final = (base.history.get("evals") or [{}])[-1]
     if final:
         _say(
@@ -640,9 +972,11 @@ def cmd_sample(args) -> int:
     if not args.prompt:
         raise UsageError(f"{PROG} sample: error: --prompt must not be empty")
     if args.adapter is None:
-        _refuse_unused(args, "--allow-other-base", "--allow-unverified", "--variant", why="without --adapter")
+        _refuse_unused(args, "--allow-other-base", "--variant", why="without --adapter")
+    if args.adapter is None and args.checkpoint is None:
+        _refuse_unused(args, "--allow-unverified", why="without --adapter or --checkpoint")
     if args.checkpoint is not None:
-        model, meta = load_checkpoint(args.checkpoint)
+        model, meta = load_checkpoint(args.checkpoint, allow_unverified=args.allow_unverified)
         if meta.get("vocab"):
             tokenizer = CharTokenizer(meta["vocab"])
         else:
@@ -663,15 +997,29 @@ def cmd_sample(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    if args.full and args.qlora:
+        raise _usage("--qlora and --full: QLoRA trains LoRA on a frozen 4-bit base; --full trains every weight")
     if args.full and _lora_only_given(args):
         raise _usage(f"{', '.join(_lora_only_given(args))}: LoRA option(s); --full trains every weight, no LoRA")
+    log_dir = _checked_tensorboard(args)
     rank = args.rank or DEFAULT_RANK
-    out = args.out or Path("runs") / (f"{args.task}-full" if args.full else f"{args.task}-lora-r{rank}")
+    method = "qlora" if args.qlora else "lora"
+    out = args.out or Path("runs") / (f"{args.task}-full" if args.full else f"{args.task}-{method}-r{rank}")
     _checked_out(check_checkpoint_target if args.full else check_adapter_target, out)
     lora = None if args.full else _lora_config(args)  # validates before the base is loaded
     train_config = _train_config(args, args.full)
+    if log_dir is not None:  # the protocol's layout: <DIR>/<task>/<method>/seed=<n>
+        where = run_log_dir(log_dir, args.task, method_label(lora), train_config.seed)
+        train_config = replace(train_config, log_dir=where)
     base = _load_base(args)
     _say(_describe_base(base))
+    params = base.model.num_parameters()  # counted before quantizing: NF4 weights are buffers, not parameters
+    if args.qlora:
+        quantize_base(base.model)
+        layers = nf4_layers(base.model).values()
+        numel = sum(l.in_features * l.out_features for l in layers)
+        bits = sum(l.bits_per_parameter() * l.in_features * l.out_features for l in layers) / numel
+        _say(f"QLoRA: {len(layers)} linear layers quantized to NF4 ({bits:.3f} bits per weight); LoRA trains on top")
     task = tasks.make_task(args.task, base.texts)
     res = finetune(
         base.model,
@@ -682,7 +1030,8 @@ def cmd_finetune(args) -> int:
         progress=not args.quiet,
         eval_chars=args.eval_chars,
     )
-    _say(format_table(loss_rows([res], base.model.num_parameters())))
+    _say(format_table(loss_rows([res], params)))
+    _say_where_logs_are(log_dir)
     res.require_finite()  # a diverged run saves nothing and exits 1
     record = {"base": base_provenance(base, args.preset, args.pretrain_iters), "task": task.name}
     if not is_main_process():  # under torchrun every rank holds the same weights; rank 0 writes them
@@ -696,8 +1045,15 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+LEADERBOARD_ONLY = ("--budget", "--seeds", "--selection-seed", "--grid", "--max-extensions", "--reference")
+
+
 def cmd_compare(args) -> int:
-    with _claimed(args.out, check_compare_output) as out:
+    if args.methods is not None:
+        return cmd_leaderboard(args)
+    _refuse_unused(args, *LEADERBOARD_ONLY, why="without --methods (they are the leaderboard's)")
+    log_dir = _checked_tensorboard(args)
+    with _claimed(args.out or Path("runs/compare"), check_compare_output) as out:
         base = _load_base(args)
         _say(_describe_base(base))
         task = tasks.make_task(args.task, base.texts)
@@ -705,16 +1061,70 @@ def cmd_compare(args) -> int:
             base.model,
             task,
             base.dataset.tokenizer,
-            r=args.rank,
+            r=args.rank or DEFAULT_RANK,
             sweep=args.sweep,
             steps=args.steps,
             cache=args.cache,
             device=args.device,
             log=None if args.quiet else _say,
+            log_dir=log_dir,
+            eval_chars=args.eval_chars,
         )
         files = write_comparison(comp, out)
     _say(comp.to_text())
     _say(f"wrote {files['md']}, {files['json']} and {files['png']}")
+    _say_where_logs_are(log_dir)
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    """compare --methods: the leaderboard (experiments.leaderboard). Everything is checked before any work."""
+    _refuse_unused(args, "--sweep", why="with --methods: the leaderboard always searches each method's grid")
+    if args.budget is not None and args.rank is not None:
+        raise _usage("--budget and --rank exclude each other: a matched budget, or every variant at one rank")
+    if args.budget is None and args.rank is None:
+        raise _usage("--methods needs --budget N (a matched budget of trainable numbers) or --rank R (equal rank)")
+    seeds = tuple(range(args.seeds or len(REPORT_SEEDS)))
+    selection_seed = SELECTION_SEED if args.selection_seed is None else args.selection_seed
+    grids = dict(args.grid or [])
+    if len(grids) != len(args.grid or []):
+        raise _usage("--grid names a method twice")
+    try:
+        check_seeds(seeds, selection_seed)
+        with torch.device("meta"):  # the preset's shapes only: methods, ranks and grids fail now, not after pretraining
+            shape_only = GPT(PRESETS[args.preset][0])
+        contestants(shape_only, args.methods, budget=args.budget, rank=args.rank, learning_rates=grids)
+    except ValueError as err:  # LoRAError and TooFewSeedsError are ValueErrors too
+        raise _usage(str(err)) from None
+    log_dir = _checked_tensorboard(args)
+    with _claimed(args.out or Path("runs/leaderboard"), check_leaderboard_output) as out:
+        base = _load_base(args)
+        _say(_describe_base(base))
+        task = tasks.make_task(args.task, base.texts)
+        board = leaderboard(
+            base.model,
+            task,
+            base.dataset.tokenizer,
+            args.methods,
+            budget=args.budget,
+            rank=args.rank,
+            seeds=seeds,
+            selection_seed=selection_seed,
+            learning_rates=grids,
+            max_extensions=MAX_EXTENSIONS if args.max_extensions is None else args.max_extensions,
+            steps=args.steps,
+            eval_chars=args.eval_chars,
+            reference=args.reference or "first",
+            cache=args.cache,
+            train_overrides={"device": args.device},
+            command=shlex.join([PROG, *getattr(args, "argv", [])]),
+            log=None if args.quiet else _say,
+            log_dir=log_dir,
+        )
+        files = write_leaderboard(board, out)
+    _say(board.to_text())
+    _say(f"wrote {', '.join(str(f) for f in files.values())}")
+    _say_where_logs_are(log_dir)
     return 0
 
 
@@ -737,6 +1147,7 @@ def cmd_sweep(args) -> int:
     # every config is built and checked before the base is loaded or trained
     for config in sweep_configs(args.ranks, _targets(args), args.alpha, variant, options):
         check_lora_config(config, PRESETS[args.preset][0])
+    log_dir = _checked_tensorboard(args)
     with _claimed(args.out, check_sweep_output) as out:
         base = _load_base(args)
         _say(_describe_base(base))
@@ -754,9 +1165,41 @@ def cmd_sweep(args) -> int:
             variant=variant,
             options=options,
             eval_chars=args.eval_chars,
+            log_dir=log_dir,
         )
     _say(sweep.to_text())
     _say(f"wrote {sweep.files['csv']} and {sweep.files['png']}")
+    _say_where_logs_are(log_dir)
+    return 0
+
+
+def cmd_paper_lab(args) -> int:
+    width = PRESETS[args.preset][0].n_embd  # checked before the base is loaded or trained
+    if not 8 < args.high_rank <= width:
+        raise _usage(f"--high-rank: must be above 8 and at most the {args.preset} preset's width {width}")
+    with _claimed(args.out, check_paper_lab_output) as out:
+        base = _load_base(args)
+        _say(_describe_base(base))
+        task = tasks.make_task(args.task, base.texts)
+        lab = run_paper_lab(base.model, task, base.dataset.tokenizer, args.steps, args.high_rank, args.eval_chars,
+                            str(pick_device(args.device)), progress=not args.quiet)  # fmt: skip
+        written = write_paper_lab(lab.tables, lab.figures, out)
+    _say(format_table(lab.findings, ["finding", "verdict", "why"]))
+    _say(f"wrote {len(written)} files to {out}")
+    return 0
+
+
+def cmd_course_nbgrader(args) -> int:
+    with _claimed(args.out, check_nbgrader_output) as out:
+        course = build_nbgrader_course(out, args.chapters, notebooks=args.notebooks)
+    names = sorted(p.name for p in (course / "source").iterdir() if p.is_dir())
+    _say(f"nbgrader course in {course}: {len(names)} assignments ({', '.join(names)}); see {course / 'README.md'}")
+    _say(f"next: cd {course} && nbgrader generate_assignment {names[0]}")
+    return 0
+
+
+def cmd_course_table(args) -> int:
+    _say(teaching_table(args.chapters, args.notebooks))
     return 0
 
 
@@ -810,6 +1253,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _import_variant(argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv  # the command line as given, for the records that say how a result was made
+        _check_ranges(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         return args.run(args)

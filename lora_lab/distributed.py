@@ -7,19 +7,28 @@ backward, and only rank 0 prints, evaluates and writes files. A single process (
 trains exactly as before.
 
 DDP all-reduces only parameters with requires_grad=True, so LoRA (applied and frozen *before* wrapping)
-sends r(d+k) numbers per adapted matrix instead of d*k: `GradientTraffic` counts the bytes.
+sends r(d+k) numbers per adapted matrix instead of d*k: `GradientTraffic` counts the bytes. `ddp_order_drift`
+measures what the other order does (DDP first, then LoRA): nothing is all-reduced and the ranks drift apart.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
-from dataclasses import dataclass
+import socket
+import tempfile
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
+
+from .lora import LoRAConfig, apply_lora, lora_layers
+from .model import GPT, GPTConfig
+from .targets import parent_of, target_linears
 
 
 @dataclass(frozen=True)
@@ -178,3 +187,121 @@ def from_main(values: torch.Tensor, run: DataParallel | None) -> torch.Tensor:
     if run is not None:
         dist.broadcast(values, src=0)
     return values
+
+
+# ----------------------------------------------------------------------------------------------
+# Why the order matters: LoRA, then DDP (and what the other order silently does)
+
+ORDERS = ("apply_lora, then DDP", "DDP, then LoRA layers")
+
+
+@dataclass(frozen=True)
+class OrderDrift:
+    """One order of wrapping, trained for a few steps on every rank: how far the ranks' LoRA tensors ended apart."""
+
+    order: str  # one of ORDERS
+    steps: int
+    trainable_bytes: int  # 4 bytes per trainable (LoRA) number: what DDP should all-reduce each step
+    bytes_per_step: float  # what it did all-reduce (counted by GradientTraffic)
+    start_gap: float  # max |t_rank0 - t_rank| over every LoRA A and B before the first step
+    max_a_gap: float  # the same after the last step, over the A tensors
+    max_b_gap: float  # ... and over the B tensors
+
+
+def _lora_by_hand(model: torch.nn.Module, config: LoRAConfig) -> None:
+    """The core of apply_lora (wrap the targets, freeze the base) without its refusal of a DDP-wrapped model: only
+    to show what that refusal prevents."""
+    targets = target_linears(model, config.targets, config.r)
+    layers = {name: config.layer_class.from_config(linear, config) for name, linear in targets.items()}
+    model.requires_grad_(False)
+    for name, layer in layers.items():
+        parent, attr = parent_of(model, name)
+        setattr(parent, attr, layer)
+
+
+def _lora_tensors(model: torch.nn.Module, kind: str) -> torch.Tensor:
+    """Every LoRA layer's `kind` ("lora_A" or "lora_B") flattened into one vector, in the model's layer order."""
+    return torch.cat([getattr(layer, kind).detach().flatten() for layer in lora_layers(model).values()])
+
+
+def _gap_to_rank0(vector: torch.Tensor) -> float:
+    """max |vector_rank0 - vector_rank| over all ranks (the same answer on every rank)."""
+    gathered = [torch.empty_like(vector) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, vector)
+    return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+
+def _order_worker(
+    rank: int, world: int, port: int, model_config: dict, lora_config: dict, steps: int, lr: float, out: str
+) -> None:
+    """One rank: for each order, the same seeded model and LoRA init as every other rank, `steps` AdamW steps on
+    this rank's own batches (seed + rank) through DDP, then the gaps to rank 0 (rank 0 writes them as JSON)."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        config, lora = GPTConfig.from_dict(model_config), LoRAConfig.from_dict(lora_config)
+        rows = []
+        for order in ORDERS:
+            torch.manual_seed(0)  # every rank builds the same base and the same A, B: any gap comes from training
+            model = GPT(config)
+            if order == ORDERS[0]:
+                ddp_model = DistributedDataParallel(apply_lora(model, lora))
+            else:
+                ddp_model = DistributedDataParallel(model)  # registers the base, all trainable at this point
+                _lora_by_hand(model, lora)
+            traffic = GradientTraffic()
+            traffic.attach(ddp_model)
+            start_gap = max(_gap_to_rank0(_lora_tensors(model, kind)) for kind in ("lora_A", "lora_B"))
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=lr)
+            batches = torch.Generator().manual_seed(rank_seed(0, rank))
+            for _ in range(steps):
+                window = torch.randint(0, config.vocab_size, (2, config.block_size + 1), generator=batches)
+                _, loss = ddp_model(window[:, :-1], window[:, 1:])
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                traffic.steps += 1
+            gaps = {kind: _gap_to_rank0(_lora_tensors(model, kind)) for kind in ("lora_A", "lora_B")}
+            rows.append(
+                OrderDrift(
+                    order=order,
+                    steps=steps,
+                    trainable_bytes=sum(4 * p.numel() for p in trainable),
+                    bytes_per_step=traffic.bytes_per_step,
+                    start_gap=start_gap,
+                    max_a_gap=gaps["lora_A"],
+                    max_b_gap=gaps["lora_B"],
+                )
+            )
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump([asdict(row) for row in rows], f)
+        dist.barrier()  # leave together: a rank tearing down gloo while its peer still talks can abort the peer
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_order_drift(
+    model_config: GPTConfig, lora_config: LoRAConfig, ranks: int = 2, steps: int = 3, lr: float = 1e-2
+) -> list[OrderDrift]:
+    """Start `ranks` CPU processes (gloo, 127.0.0.1) that each train the same seeded model with LoRA under DDP
+    for `steps` steps, once per order in ORDERS, and return how far apart the ranks' A and B ended.
+
+    The right order (apply_lora, then DDP) all-reduces every LoRA gradient, so the ranks stay identical. The
+    wrong one is done by hand, since apply_lora refuses it: DDP built around the plain model registered only the
+    base, which LoRA then freezes, so nothing at all is all-reduced and every rank trains its own adapter."""
+    if ranks < 2:
+        raise ValueError(f"ddp_order_drift needs at least 2 ranks to compare, got ranks={ranks}.")
+    if steps < 1:
+        raise ValueError(f"ddp_order_drift needs at least 1 training step, got steps={steps}.")
+    with socket.socket() as s:  # a free port for the processes to meet on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "order.json")
+        args = (ranks, port, model_config.to_dict(), lora_config.to_dict(), steps, lr, out)
+        mp.start_processes(_order_worker, args=args, nprocs=ranks, start_method="spawn")
+        with open(out) as f:
+            return [OrderDrift(**row) for row in json.load(f)]

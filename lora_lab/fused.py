@@ -43,10 +43,13 @@ def grouped_linear(x: torch.Tensor, weights, biases, lora_As=None, lora_Bs=None,
 def can_join(layer, reference) -> bool:
     """Whether a LoRA layer computes what the fast path computes: its class runs `reference` (LoRALinear's
     own forward; a variant with its own forward computes something else), it has not opted out
-    (`fuse_with_siblings = False`, e.g. set_fast_path), and no LoRA dropout runs (one mask per layer)."""
+    (`fuse_with_siblings = False`, e.g. set_fast_path), no LoRA dropout runs (one mask per layer), and its base
+    is a plain linear, computing x W^T + b from a stored W (a base with its own forward, such as nf4.NF4Linear,
+    which dequantizes W on the fly and keeps no full-precision copy, runs itself)."""
     return (
         layer.fuse_with_siblings
         and type(layer).forward is reference
+        and type(layer.base).forward is nn.Linear.forward
         and (not layer.training or isinstance(layer.lora_dropout, nn.Identity))
     )
 

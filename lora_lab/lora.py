@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import entry_points
 
@@ -26,6 +27,8 @@ from .fused import lora_together
 from .targets import is_lora_layer, named_modules, parent_of, select_targets, target_linears, trainable_parameters  # noqa: F401  (select_targets: importable from here, as before)
 
 INITS = ("gaussian", "kaiming")
+# alpha (and so the scale alpha / r) is used as a float32 number: outside this range it turns into inf or 0.
+ALPHA_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
 
 
 def _check_hyperparameters(r, alpha, dropout, init) -> None:
@@ -33,6 +36,11 @@ def _check_hyperparameters(r, alpha, dropout, init) -> None:
         raise LoRAError(f"LoRA rank r must be a positive integer, got {r!r}.")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha < math.inf):
         raise LoRAError(f"LoRA alpha must be a positive finite number, got {alpha!r}.")
+    if not ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]:
+        raise LoRAError(
+            f"LoRA alpha must be representable in float32, from {ALPHA_RANGE[0]:.3g} to {ALPHA_RANGE[1]:.3g} "
+            f"(beyond, the scale alpha / r becomes inf or 0), got {alpha!r}."
+        )
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
     if init not in INITS:
@@ -290,6 +298,15 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
     config = LoRAConfig() if config is None else config
     if not isinstance(config, LoRAConfig):
         raise LoRAError(f"apply_lora needs a LoRAConfig, got {type(config).__name__}.")
+    wrapped = next((n for n, m in model.named_modules() if isinstance(m, nn.parallel.DistributedDataParallel)), None)
+    if wrapped is not None:
+        where = "the model" if wrapped == "" else f"its module {wrapped!r}"
+        raise WrappedModelError(
+            f"apply_lora: {where} is already wrapped in DistributedDataParallel. DDP registered the parameters "
+            "it all-reduces when it was built, so LoRA's new A and B would never be synchronised and the ranks "
+            "would silently drift apart. Apply LoRA before wrapping: DistributedDataParallel(apply_lora(model, "
+            "config)) (train() does that order for you)."
+        )
     existing = lora_layers(model)
     if existing:
         raise LoRAError(
@@ -309,6 +326,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
         p.requires_grad_(True)
     model.lora_config = config  # remembered for save_adapter / export
     return model
+
+
+class WrappedModelError(LoRAError):
+    """apply_lora on a model already wrapped for data parallelism (DistributedDataParallel): apply LoRA first."""
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -414,13 +435,38 @@ def _fold(layers: dict[str, LoRALinear], sign: int, action: str) -> None:
             layer.merged = sign > 0
 
 
+class QuantizedBaseError(LoRAError):
+    """An operation that would write into a quantized base weight (nf4.NF4Linear), which cannot be written."""
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A linear stored quantized: its class names the format in `quantized` and offers `to_linear(dtype)`, a plain
+    nn.Linear of its dequantized weight (nf4.NF4Linear does; the spine before nf4.py cannot import it)."""
+    return isinstance(getattr(type(module), "quantized", None), str) and callable(getattr(module, "to_linear", None))
+
+
+def quantized_bases(layers: dict[str, LoRALinear]) -> list[str]:
+    """The LoRA layers whose base is stored quantized (is_quantized)."""
+    return [n for n, l in layers.items() if is_quantized(l.base)]
+
+
 def merge_lora(model: nn.Module) -> None:
     """Fold each layer's update into its weight (W <- W + ΔW for additive variants; fp32 math, rounded once).
 
     Memory: while merged, each adapted layer keeps a copy of its original W (d * k numbers in W's dtype)
     so that unmerge_lora restores W bit for bit in every dtype; unmerge_lora and merge_and_unload drop it.
+    A quantized base (QLoRA) holds no weight to write into: refused with QuantizedBaseError (merge_and_unload
+    dequantizes it first).
     """
     layers = require_lora(model)
+    quantized = quantized_bases(layers)
+    if quantized:
+        raise QuantizedBaseError(
+            f"Cannot merge LoRA in place into {quantized[:4]}: their base is quantized "
+            f"({layers[quantized[0]].base.quantized}, QLoRA) and holds 4-bit codes, not a weight that W + ΔW could "
+            "be written into. Use merge_and_unload(model, dtype=...), which first dequantizes those bases into "
+            "plain nn.Linear layers (the merged model is then no longer 4-bit)."
+        )
     merged = [n for n, l in layers.items() if l.merged]
     if merged:
         raise LoRAError(f"LoRA is already merged into {merged[:4]}; merging twice would add ΔW twice.")
@@ -439,14 +485,43 @@ def unmerge_lora(model: nn.Module) -> None:
     _fold(layers, -1, "unmerge")
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge (if not merged yet) and return the same model as a plain GPT without LoRA modules."""
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge (if not merged yet) and return the same model as a plain GPT without LoRA modules.
+
+    A quantized base (QLoRA: nf4.NF4Linear) cannot hold W + ΔW: it is first dequantized into a plain nn.Linear
+    in `dtype` (default: the dtype it was quantized from), the update is merged into that, and the model's other
+    quantized linears are dequantized too, so that the result is one plain model (a checkpoint like any other).
+    A warning says that it is no longer 4-bit. `dtype` applies to quantized layers only."""
     layers = require_lora(model)
+    quantized = quantized_bases(layers)
+    if quantized:
+        originals = {n: layers[n].base for n in quantized}
+        for n in quantized:
+            layers[n].base = originals[n].to_linear(dtype)
+        try:
+            merge_lora(model)
+        except Exception:  # a refused merge leaves the model as it was: the quantized bases go back
+            for n, base in originals.items():
+                layers[n].base = base
+            raise
     if not all(l.merged for l in layers.values()):
         merge_lora(model)
     for layer in layers.values():
         layer.weight_before_merge = None  # the copy kept for unmerging is not needed any more
     _unwrap(model)
+    rest = {n: m for n, m in model.named_modules() if is_quantized(m)}  # not adapted, still 4-bit
+    for name, module in rest.items():
+        parent, attr = parent_of(model, name)
+        setattr(parent, attr, module.to_linear(dtype).requires_grad_(True))  # trainable, as _unwrap leaves the rest
+    if quantized or rest:
+        first = originals[quantized[0]] if quantized else next(iter(rest.values()))
+        kind = dtype or first.weight_dtype
+        warnings.warn(
+            f"merge_and_unload dequantized {len(quantized) + len(rest)} 4-bit layers ({len(quantized)} adapted, "
+            f"LoRA merged into them) into {kind} nn.Linear layers: the merged model is no longer 4-bit "
+            f"({torch.empty(0, dtype=kind).element_size()} bytes per weight).",
+            stacklevel=2,
+        )
     return model
 
 

@@ -10,7 +10,12 @@ The text is a sequence of speeches ("turns") separated by blank lines, each star
 - `rot13` (new alphabet): the source text with every letter moved 13 places along the alphabet. The base
   knows every symbol but none of the words, so its loss is far above its source loss (a real gap), and the
   task has a metric besides loss: next-character accuracy on the held-out text (`metric`).
+- `echo` (copying, the headline task): every word said twice. Predicting the second copy needs attention to
+  the word just written; relabelling characters (what a trainable embedding does) does not help, so here LoRA on
+  attention has to do the work (benchmarks/RESULTS_protocol.md has the gaps).
 Every task reports the target-domain loss (adaptation) and the source-domain loss (forgetting).
+shout, rot13 and echo also carry a test text (`test`, `source_test`: the dataset's test split, rewritten and
+as it is) that no choice may look at: experiments.leaderboard selects on the validation text and reports there.
 """
 
 from __future__ import annotations
@@ -115,6 +120,10 @@ class Task:
     validation: str  # target-domain text to measure adaptation
     source_validation: str  # source-domain text to measure forgetting
     metric: str | None = None  # a task metric besides loss, scored on the validation text (see METRICS)
+    # Held-out texts that no choice (learning rate, rank, step) may look at: a table's reported numbers are
+    # measured here, once the choices were made on `validation`. None where the texts had no test split.
+    test: str | None = None  # target-domain test text
+    source_test: str | None = None  # source-domain test text (forgetting, reported)
 
     def __post_init__(self):
         for name in ("train", "validation", "source_validation"):
@@ -124,6 +133,12 @@ class Task:
                     f"Task {self.name!r}: its {name} text is empty (or not a str); the text it was "
                     "made from is too short for this task."
                 )
+        if (self.test is None) != (self.source_test is None):
+            raise ValueError(f"Task {self.name!r}: give both test and source_test, or neither.")
+        for name in ("test", "source_test"):
+            text = getattr(self, name)
+            if text is not None and (not isinstance(text, str) or not text):
+                raise ValueError(f"Task {self.name!r}: its {name} text is empty (or not a str); give a text or None.")
         if self.metric is not None and self.metric not in METRICS:
             raise ValueError(f"Task {self.name!r}: unknown metric {self.metric!r}; choose one of {sorted(METRICS)}.")
 
@@ -147,6 +162,15 @@ def romeo_juliet(splits: dict[str, str]) -> Task:
     )
 
 
+def held_out_texts(splits: dict[str, str], rewrite) -> dict[str, str]:
+    """{"test", "source_test"} of a task that rewrites the source text: the dataset's test split (never seen in
+    pretraining or fine-tuning), rewritten and as it is; {} when the splits have no (or an empty) test split."""
+    test = splits.get("test")
+    if not isinstance(test, str) or not test:
+        return {}
+    return {"test": rewrite(test), "source_test": test}
+
+
 def shout(splits: dict[str, str]) -> Task:
     source = source_domain(splits)
     return Task(
@@ -158,6 +182,7 @@ def shout(splits: dict[str, str]) -> Task:
         train=source["train"].upper(),
         validation=source["validation"].upper(),
         source_validation=source["validation"],
+        **held_out_texts(splits, str.upper),
     )
 
 
@@ -184,6 +209,29 @@ def rot13(splits: dict[str, str]) -> Task:
         validation=rot13_text(source["validation"]),
         source_validation=source["validation"],
         metric="char_accuracy",
+        **held_out_texts(splits, rot13_text),
+    )
+
+
+def echo_text(text: str) -> str:
+    """Every word said twice, in place ("To be" -> "To To be be"); line breaks and spacing kept."""
+    return "\n".join(" ".join(f"{w} {w}" if w else w for w in line.split(" ")) for line in text.split("\n"))
+
+
+def echo(splits: dict[str, str]) -> Task:
+    source = source_domain(splits)
+    return Task(
+        name="echo",
+        description=(
+            "Copying: every word of the source text said twice. The second copy is fully determined by the "
+            "context, but only a model that looks back at the word it just wrote can predict it, so the task is "
+            "learned by attention; the embeddings cannot relabel their way to it, as they can for rot13."
+        ),
+        train=echo_text(source["train"]),
+        validation=echo_text(source["validation"]),
+        source_validation=source["validation"],
+        metric="char_accuracy",
+        **held_out_texts(splits, echo_text),
     )
 
 
@@ -193,7 +241,7 @@ METRICS = {
     "likely next character (each predicted once, from up to block_size characters of context)",
 }
 
-TASKS = {"romeo_juliet": romeo_juliet, "shout": shout, "rot13": rot13}
+TASKS = {"romeo_juliet": romeo_juliet, "shout": shout, "rot13": rot13, "echo": echo}
 
 
 def make_task(name: str, splits: dict[str, str]) -> Task:

@@ -6,6 +6,7 @@ same loop pretrains the GPT, fully fine-tunes it, or trains only LoRA's A and B.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,9 @@ from .distributed import (
     rank_seed,
     say,
 )
+from .graphs import WholeStepGraph, graph_problem, make_capturable, set_learning_rate
 from .lora import lora_plus_parameters
+from .tensorboard_logs import check_log_dir, open_run_log, require_tensorboard
 
 
 def _is_int(value) -> bool:
@@ -34,6 +37,10 @@ def _is_int(value) -> bool:
 
 def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+MAX_SEED = 2**63 - 1  # torch takes 64-bit seeds; training adds the process rank and 1 to it
+FLOAT32_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)  # positive normal float32 numbers
 
 
 @dataclass
@@ -57,12 +64,20 @@ class TrainConfig:
     # torch.compile the model. Off by default: compiling takes ~30-60 s, and at the issue's H100 figures for the
     # 10.65M model (20.3 -> 14.5 ms/step) that pays back only after ~5000 steps; bench_gpu.py measures both.
     compile: bool = False
+    # CUDA only: capture the whole step (forward, backward, clipping, AdamW) as one CUDA graph and replay it, so a
+    # step launches once instead of once per kernel (lora_lab.graphs). Warm-up: 3 eager steps and one capture
+    # (about one more step's time) per train() call. Elsewhere it trains eagerly and says why in result.notes.
+    cuda_graphs: bool = False
     fused_optimizer: bool | None = None  # one-kernel AdamW; None: wherever torch supports it (CUDA; CPU from 2.4)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     log_interval: int = 10  # read the loss from the device every this many steps (each read waits for it)
     keep_best: bool = False  # end with the weights of the best validation evaluation, not the last step's
     # LoRA+ (Hayou et al. 2024): B (each variant's lora_plus_names) learns at this many times A's rate; None: off
     lora_plus_ratio: float | None = None
+    # TensorBoard: write this run's loss, learning rate, gradient norm and evaluations into this folder (see
+    # lora_lab.tensorboard_logs; needs the tensorboard extra). Where a run logs is not what it trains: to_dict
+    # leaves it out, so it never enters a cache key.
+    log_dir: str | os.PathLike | None = None
 
     def __post_init__(self):
         for name in ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval"):
@@ -75,10 +90,15 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.lr_decay_iters must be a positive integer or None, got {self.lr_decay_iters!r}."
             )
-        if not _is_int(self.seed):
-            raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}.")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:  # torch seeds are 64-bit; ranks add to it
+            raise ValueError(f"TrainConfig.seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}.")
         if not _is_finite_number(self.learning_rate) or self.learning_rate <= 0:
             raise ValueError(f"TrainConfig.learning_rate must be a finite number > 0, got {self.learning_rate!r}.")
+        if not FLOAT32_RANGE[0] <= self.learning_rate <= FLOAT32_RANGE[1]:  # the optimizer steps in float32
+            raise ValueError(
+                f"TrainConfig.learning_rate must be representable in float32, from {FLOAT32_RANGE[0]:.3g} to "
+                f"{FLOAT32_RANGE[1]:.3g}, got {self.learning_rate!r}."
+            )
         if not _is_finite_number(self.min_lr) or self.min_lr < 0:
             raise ValueError(f"TrainConfig.min_lr must be a finite number >= 0, got {self.min_lr!r}.")
         if self.min_lr > self.learning_rate:
@@ -94,7 +114,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_finite_number(value) or not 0 <= value < 1:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {value!r}.")
-        for name in ("bf16", "compile", "activation_checkpointing", "keep_best"):
+        for name in ("bf16", "compile", "cuda_graphs", "activation_checkpointing", "keep_best"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if not (self.fused_optimizer is None or isinstance(self.fused_optimizer, bool)):
@@ -108,11 +128,20 @@ class TrainConfig:
                 f"TrainConfig.lora_plus_ratio must be None (off) or a finite number > 0 (LoRA+ "
                 f"suggests 16), got {self.lora_plus_ratio!r}."
             )
+        if self.lora_plus_ratio is not None and not self.learning_rate * self.lora_plus_ratio <= FLOAT32_RANGE[1]:
+            raise ValueError(
+                f"TrainConfig.lora_plus_ratio {self.lora_plus_ratio!r} times learning_rate {self.learning_rate!r} "
+                f"(B's learning rate) is beyond float32's {FLOAT32_RANGE[1]:.3g}."
+            )
         if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)}.")
+        if self.log_dir is not None:
+            check_log_dir(self.log_dir)
+            require_tensorboard()  # a missing extra is named now, before anything trains
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # what is trained, not where it logs; cuda_graphs only when on, so that keys made before it existed still hold
+        return {k: v for k, v in asdict(self).items() if k != "log_dir" and (k != "cuda_graphs" or v)}
 
 
 def learning_rate_at(it: int, cfg: TrainConfig) -> float:
@@ -352,6 +381,8 @@ def train(
     forward = compiled_or_eager(trained, cfg.compile, result.notes)
     best_val, best_weights = math.inf, None
     pending: list[torch.Tensor] = []  # losses still on the device, read in one go every log_interval steps
+    pending_norms: list[torch.Tensor] = []  # with a TensorBoard log: each step's gradient norm, read with them
+    tb_log = None  # opened just before the first step (rank 0 only), closed after the last
 
     eval_steps = (
         set(range(0, cfg.max_iters, cfg.eval_interval)) | {cfg.max_iters}
@@ -365,6 +396,8 @@ def train(
             return
         if score is not None:
             result.evals.append({"iter": it, **score(model), "lr": lr})  # every rank: identical replicas
+            if tb_log is not None:
+                tb_log.evaluation(it, result.evals[-1])
             model.train()
             return
         if run is None:
@@ -382,12 +415,15 @@ def train(
             ).tolist()
             est = {"train": numbers[0], **({} if val_data is None else {"val": numbers[1]})}
         result.evals.append({"iter": it, "train": est["train"], "val": est.get("val"), "lr": lr})
+        if tb_log is not None:
+            tb_log.evaluation(it, result.evals[-1])
         if cfg.keep_best and est["val"] < best_val:  # a copy of the trainable weights only: small for LoRA
             best_val, result.best_iter = est["val"], it
             best_weights = [p.detach().clone() for p in trainable]
 
     def read_losses(t0: float) -> float:
-        """Wait for the device, move the pending losses into result.losses; returns the time now."""
+        """Wait for the device, move the pending losses into result.losses (and the log); returns the time now."""
+        first = len(result.losses)
         if pending:
             result.losses.extend(mean_over_ranks(torch.stack(pending), run).tolist())
             pending.clear()
@@ -395,20 +431,40 @@ def train(
             torch.cuda.synchronize(device)
         now = time.perf_counter()
         result.seconds += now - t0
-        return now
+        if tb_log is None or not pending_norms:
+            return now
+        norms = torch.stack(pending_norms).tolist()  # computed before the losses just waited for: ready
+        pending_norms.clear()
+        steps = range(first, len(result.losses))
+        tb_log.steps(first, result.losses[first:], [learning_rate_at(i, cfg) for i in steps], norms)
+        return time.perf_counter()  # the time spent logging is not training time
 
     def step(x: torch.Tensor, y: torch.Tensor, run) -> torch.Tensor:
         with autocast_for(device, cfg.bf16):
             _, loss = run(x, y)
         loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        norm = None
+        if cfg.grad_clip:  # the norm before clipping: clip_grad_norm_ computes it anyway
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        elif tb_log is not None:  # no clipping: computed only for the log (after DDP's all-reduce: same on every rank)
+            norms = [torch.linalg.vector_norm(p.grad) for p in trainable if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else loss.new_zeros(())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if tb_log is not None:
+            pending_norms.append(norm.detach())
         return loss.detach()
 
     def run_steps():
         nonlocal forward
+        graphed = None  # cfg.cuda_graphs: the whole step captured once, then replayed (lora_lab.graphs)
+        if cfg.cuda_graphs:
+            problem = graph_problem(device, run is not None, cfg.activation_checkpointing, tb_log is not None)
+            if problem:
+                result.notes.append(problem)
+            else:
+                make_capturable(optimizer, device)
+                graphed = WholeStepGraph(lambda x, y: step(x, y, forward), optimizer, result.notes)
         t0 = time.perf_counter()
         for it in bar:
             lr = learning_rate_at(it, cfg)
@@ -416,8 +472,7 @@ def train(
                 read_losses(t0)
                 evaluate(it, lr)
                 t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)  # in place where a captured step reads it from a tensor
             x, y = next_batch()
             if forward is not trained and it == 0:
                 try:  # torch.compile compiles here, at the first call; a failure falls back to eager
@@ -428,7 +483,7 @@ def train(
                     forward = trained
                     loss = step(x, y, forward)
             else:
-                loss = step(x, y, forward)
+                loss = step(x, y, forward) if graphed is None else graphed(x, y)
             pending.append(loss)
             result.tokens += x.numel() * (run.world_size if run else 1)
             if (it + 1) % cfg.log_interval == 0 or it == cfg.max_iters - 1:
@@ -437,14 +492,19 @@ def train(
                     bar.set_postfix(loss=f"{result.losses[-1]:.3f}", lr=f"{lr:.1e}")
         read_losses(t0)
         evaluate(cfg.max_iters, learning_rate_at(cfg.max_iters, cfg))
+        if graphed is not None:
+            graphed.release()
 
     bar = tqdm(range(cfg.max_iters), desc=desc, disable=not progress, leave=True, mininterval=0.5)
     if cfg.activation_checkpointing:
         model.activation_checkpointing = True
     try:
+        tb_log = open_run_log(cfg.log_dir)  # None without log_dir, and on every rank but 0
         with fast_fp32_matmuls(device):
             run_steps()
     finally:
+        if tb_log is not None:
+            tb_log.close()
         if cfg.activation_checkpointing:
             model.activation_checkpointing = False
     if run is not None:

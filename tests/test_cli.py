@@ -43,7 +43,17 @@ def test_help_explains_every_option_of_every_subcommand(capsys):
     assert code == 0 and "usage: lora-lab" in out
     assert "exit codes: 0 done; 1 the run failed" in " ".join(out.split())
     commands = subparsers()
-    assert set(commands) == {"pretrain", "sample", "finetune", "compare", "merge", "sweep", "tour"}
+    assert set(commands) == {
+        "pretrain",
+        "sample",
+        "finetune",
+        "compare",
+        "merge",
+        "sweep",
+        "tour",
+        "course",
+        "paper-lab",
+    }
     for name, sub in commands.items():
         assert name in out
         code, out_sub, err = run(capsys, name, "--help")
@@ -67,8 +77,8 @@ def test_help_explains_every_option_of_every_subcommand(capsys):
         (["sample", "--adapter", "{tmp}/missing"], "adapter folder '{tmp}/missing' does not exist"),
         (["merge", "--adapter", "{tmp}/missing", "--out", "{tmp}/m"], "adapter folder '{tmp}/missing' does not exist"),
         (["merge", "--adapter", "{tmp}"], "is not a LoRA adapter folder"),
-        (["sample", "--temperature", "0"], "argument --temperature: must be a positive number, got '0'"),
-        (["finetune", "--lr", "fast"], "argument --lr: must be a positive number, got 'fast'"),
+        (["sample", "--temperature", "0"], "argument --temperature: must be a number from 1e-06 to 1e+06, got '0'"),
+        (["finetune", "--lr", "fast"], "argument --lr: must be a number from 1.18e-38 to 3.4e+38, got 'fast'"),
         (["finetune", "--targets", ","], "argument --targets: needs at least one module name"),
         (["finetune", "--targets", "qproj"], "LoRA target 'qproj' matches no module"),
         (["tour", "--rank", "200"], "LoRA rank r=200 exceeds min(d, k)"),

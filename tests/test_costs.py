@@ -75,3 +75,26 @@ def test_views_and_bare_allocations_are_not_counted():
         a + a
         a.mm(a)
     assert ops.count == 2
+
+
+def test_optimizer_step_cost_counts_adamw_elementwise_work_on_a_copy():
+    import torch
+
+    from lora_lab import GPT, GPTConfig, LoRAConfig, apply_lora
+    from lora_lab.experiments.costs import optimizer_step_cost
+
+    config = GPTConfig(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    x = torch.randint(0, 13, (4, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    full = GPT(config)
+    lora = apply_lora(GPT(config), LoRAConfig(r=4))
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    costs = {}
+    for name, model in (("full", full), ("lora", lora)):
+        costs[name] = optimizer_step_cost(model, x, x, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert costs[name].trainable == trainable
+        # AdamW writes each trainable number's two moments, the decayed weight, the update and a few temporaries
+        assert 6 * trainable <= costs[name].elements <= 12 * trainable
+    assert costs["lora"].elements < costs["full"].elements / 5
+    assert all(torch.equal(before[k], v) for k, v in full.state_dict().items()) and full.tok_emb.weight.grad is None

@@ -440,3 +440,119 @@ def test_check_frozen_adapter_bytes():
         lambda m: _frozen_adapter_bytes(m) + sum(p.numel() * 4 for p in m.parameters() if p.requires_grad)
     )
     assert not with_trained.ok and "trainable tensors too" in failures(with_trained)
+
+
+def _mixed_lora_linear(x, weight, adapters, rows):
+    """The worked answer to chapter 09's exercise: the base once for all rows, each adapter on its own rows."""
+    y = x @ weight.T
+    for name, (A, B, scale) in adapters.items():
+        mine = [i for i, row in enumerate(rows) if row == name]
+        if mine:
+            y[mine] = y[mine] + scale * (x[mine] @ A.T) @ B.T
+    return y
+
+
+def test_check_mixed_lora_linear_passes_the_answer_and_names_the_classic_bugs():
+    assert exercises.check_mixed_lora_linear(_mixed_lora_linear).ok
+
+    def every_adapter_on_every_row(x, weight, adapters, rows):
+        return x @ weight.T + sum(scale * (x @ A.T) @ B.T for A, B, scale in adapters.values())
+
+    wrong = exercises.check_mixed_lora_linear(every_adapter_on_every_row)
+    assert not wrong.ok and "every row got every adapter's branch" in failures(wrong)
+
+    def unscaled(x, weight, adapters, rows):
+        return _mixed_lora_linear(x, weight, {n: (A, B, 1.0) for n, (A, B, _) in adapters.items()}, rows)
+
+    wrong = exercises.check_mixed_lora_linear(unscaled)
+    assert not wrong.ok and "the branch is scaled" in failures(wrong)
+
+    def none_means_the_first_adapter(x, weight, adapters, rows):
+        first = next(iter(adapters))
+        return _mixed_lora_linear(x, weight, adapters, [first if row is None else row for row in rows])
+
+    wrong = exercises.check_mixed_lora_linear(none_means_the_first_adapter)
+    assert not wrong.ok and "keeps the base output" in failures(wrong)
+
+    def changes_x_in_place(x, weight, adapters, rows):
+        y = _mixed_lora_linear(x.clone(), weight, adapters, rows)
+        x.zero_()
+        return y
+
+    wrong = exercises.check_mixed_lora_linear(changes_x_in_place)
+    assert not wrong.ok and "changed its inputs in place" in failures(wrong)
+
+    shape = exercises.check_mixed_lora_linear(lambda x, weight, adapters, rows: x @ weight.T.sum(-1, keepdim=True))
+    assert not shape.ok and "expected a tensor of shape" in failures(shape)
+
+    def stub(x, weight, adapters, rows):
+        raise NotImplementedError
+
+    assert exercises.check_mixed_lora_linear(stub).unanswered
+
+
+def _train_step(model, optimizer, x, y, clip=1.0):
+    model.train()
+    optimizer.zero_grad()
+    _, loss = model(x, y)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss.item()
+
+
+def test_check_train_step_passes_the_answer_with_or_without_clipping():
+    assert exercises.check_train_step(_train_step).ok
+    assert exercises.check_train_step(lambda m, o, x, y: _train_step(m, o, x, y, clip=0)).ok
+    assert exercises.check_train_step(lambda m, o, x, y: _train_step(m, o, x, y, clip=1e-3)).ok  # shorter, same way
+
+
+def test_check_train_step_names_the_classic_bugs():
+    def no_zero_grad(model, optimizer, x, y):  # the old gradients are added in
+        model.train()
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    wrong = exercises.check_train_step(no_zero_grad)
+    assert not wrong.ok and "call optimizer.zero_grad() before backward" in failures(wrong)
+
+    def step_before_backward(model, optimizer, x, y):
+        model.train()
+        optimizer.zero_grad()
+        _, loss = model(x, y)
+        optimizer.step()
+        loss.backward()
+        return loss.item()
+
+    wrong = exercises.check_train_step(step_before_backward)
+    assert not wrong.ok and "optimizer.step() must come after loss.backward()" in failures(wrong)
+
+    def returns_the_tensor(model, optimizer, x, y):
+        model.train()
+        optimizer.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    wrong = exercises.check_train_step(returns_the_tensor)
+    assert not wrong.ok and "not a Python float: return loss.item()" in failures(wrong)
+    assert "the weights move along" not in failures(wrong)  # the step itself was right: only the return is named
+
+    def no_train_mode(model, optimizer, x, y):  # dropout stays off: a different loss and a different gradient
+        optimizer.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    wrong = exercises.check_train_step(no_train_mode)
+    assert not wrong.ok and "call model.train() first" in failures(wrong)
+
+    def stub(model, optimizer, x, y):
+        raise NotImplementedError
+
+    assert exercises.check_train_step(stub).unanswered

@@ -393,22 +393,94 @@ def test_single_files_replace_only_inside_a_claimed_folder(tmp_path):
     assert temp_names(out) == []
 
 
-def test_a_writer_killed_between_the_two_fallback_renames_loses_nothing(tmp_path):
-    # Without renameat2 the old bundle is moved aside before the new one moves in; a writer killed in
-    # between leaves only the moved-aside copy, which the next writer puts back instead of deleting.
-    write(tmp_path / "b", 1.0)
+def dead_pid() -> int:
     dead = FORK.Process(target=os._exit, args=(0,))
     dead.start()
     dead.join()
-    os.rename(tmp_path / "b", tmp_path / f".b.lora_lab-old-{dead.pid}-0123abcd")
+    return dead.pid
+
+
+def test_a_writer_killed_between_the_two_fallback_renames_loses_nothing(tmp_path):
+    # Without renameat2 the old bundle is moved aside before the new one moves in. A writer killed in between
+    # leaves the moved-aside copy and its own temp folder (the new bundle): readers read the old copy at the
+    # target's path, and the next writer puts it back instead of deleting it.
+    write(tmp_path / "b", 1.0)
+    pid = dead_pid()
+    write(tmp_path / f".b.lora_lab-tmp-{pid}-0123abcd", 2.0)  # the new bundle, whole, not yet moved in
+    os.rename(tmp_path / "b", tmp_path / f".b.lora_lab-old-{pid}-0123abcd")
+    assert read(tmp_path / "b") == 1.0 and files.bundle_exists(tmp_path / "b")  # no "No such folder"
+    assert not (tmp_path / "b").exists()  # the reader changed nothing
     write(tmp_path / "c", 5.0)  # another target's write leaves it alone
-    assert read(tmp_path / f".b.lora_lab-old-{dead.pid}-0123abcd") == 1.0
-    with pytest.raises(FileNotFoundError):
-        read(tmp_path / "b")
+    assert read(tmp_path / "b") == 1.0
     files._remove_stale_temps(tmp_path / "b")  # what the next write to b does first
     assert read(tmp_path / "b") == 1.0 and sorted(os.listdir(tmp_path)) == ["b", "c"]
+    write(tmp_path / "b", 3.0)
+    assert read(tmp_path / "b") == 3.0 and sorted(os.listdir(tmp_path)) == ["b", "c"]
+
+
+def test_a_finished_swaps_leftover_is_never_read_or_put_back(tmp_path):
+    # Killed after the second rename: the old copy has no temp folder beside it. If the user then deletes the
+    # bundle, it stays deleted: the stale copy is neither read as the bundle nor moved back, only removed.
+    pid = dead_pid()
+    write(tmp_path / f".b.lora_lab-old-{pid}-0123abcd", 1.0)
+    with pytest.raises(FileNotFoundError, match="No such folder"):
+        read(tmp_path / "b")
+    assert not files.bundle_exists(tmp_path / "b")
     write(tmp_path / "b", 2.0)
-    assert read(tmp_path / "b") == 2.0 and sorted(os.listdir(tmp_path)) == ["b", "c"]
+    assert read(tmp_path / "b") == 2.0 and os.listdir(tmp_path) == ["b"]
+
+
+@pytest.mark.parametrize("swap", ["renameat2", "two renames"])
+def test_a_target_name_of_up_to_255_bytes_works(tmp_path, monkeypatch, swap):
+    if swap == "two renames":
+        monkeypatch.setattr(files, "_renameat2", None)
+    for name in ["a" * 221, "b" * 222, "c" * 240, "é" * 127 + "x", "d" * 255]:  # bytes, not characters
+        target = tmp_path / name
+        write(target, 1.0)
+        write(target, 2.0)  # the hidden temp and old names of a long name fit too
+        assert read(target) == 2.0
+        write_file_atomic(tmp_path / f"{name[:-4]}.txt", "x" * 3)
+    names = os.listdir(tmp_path)
+    assert len(names) == 10 and temp_names(tmp_path) == []
+
+
+def test_long_names_sharing_a_prefix_never_touch_each_others_temps(tmp_path):
+    long_a, long_b = "x" * 230 + "-a", "x" * 230 + "-b"
+    pid = dead_pid()
+    stale_a = tmp_path / files._hidden_name(long_a, "tmp", pid, "0123abcd")
+    stale_b = tmp_path / files._hidden_name(long_b, "tmp", pid, "0123abcd")
+    assert stale_a != stale_b and all(len(p.name.encode()) <= 255 for p in (stale_a, stale_b))
+    stale_a.mkdir()
+    stale_b.mkdir()
+    write(tmp_path / long_a, 1.0)
+    assert sorted(os.listdir(tmp_path)) == sorted([long_a, stale_b.name])
+
+
+@pytest.mark.parametrize("swap", ["renameat2", "two renames"])
+def test_a_target_whose_name_contains_tmp_keeps_its_hidden_names_apart(tmp_path, monkeypatch, swap):
+    # The old copy's name is built, not edited from the temp name: "run-tmp-1" must not become "run-old-1".
+    if swap == "two renames":
+        monkeypatch.setattr(files, "_renameat2", None)
+    write(tmp_path / "run-tmp-1", 1.0)
+    write(tmp_path / "run-tmp-1", 2.0)
+    assert read(tmp_path / "run-tmp-1") == 2.0 and os.listdir(tmp_path) == ["run-tmp-1"]
+
+
+def test_an_empty_path_is_named_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = ""
+    for call in (
+        lambda: write(path, 1.0),
+        lambda: write_file_atomic(path, "x"),
+        lambda: write_json_atomic(path, {}),
+        lambda: claim_output_dir(path, "t"),
+    ):
+        with pytest.raises(ValueError, match=r"the path is empty \(''\)"):
+            call()
+    for where in (".", "..", "/", "runs/.."):
+        with pytest.raises(ValueError, match=rf"{where!r} names no folder of its own"):
+            write(where, 1.0)
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_single_file_write_removes_its_own_stale_temp_files(tmp_path):
@@ -485,3 +557,11 @@ def test_deeply_nested_json_is_refused_by_name(tmp_path, depth, kind):
     path.write_text('{"a": ' + kind * depth + "1" + close * depth + "}")
     with pytest.raises(CorruptFileError, match="nests JSON more than 64 levels deep"):
         files.read_json(path)
+
+
+def test_a_huge_config_in_the_way_is_not_read_to_decide_whether_it_is_ours(tmp_path):
+    write(tmp_path / "b", 1.0)
+    os.truncate(tmp_path / "b" / CONFIG, 10 * 2**30)  # sparse: reading it whole would take 10 GB of memory
+    with pytest.raises(OutputExistsError, match="config.json format: None"):
+        with_alarm(lambda: write(tmp_path / "b", 2.0))
+    assert (tmp_path / "b" / CONFIG).stat().st_size == 10 * 2**30 and temp_names(tmp_path) == []

@@ -24,7 +24,7 @@ import lora_lab
 PACKAGE = Path(lora_lab.__file__).resolve().parent
 SPINE = [
     ("errors", "digests"), ("data",), ("tasks",), ("model",), ("sampling",), ("targets", "fused"), ("lora",),
-    ("devices",), ("distributed",), ("train",),
+    ("nf4",), ("devices",), ("distributed",), ("tensorboard_logs",), ("graphs",), ("train",),
 ]  # fmt: skip
 STORAGE = [
     ("storage.files",), ("storage.checkpoint",), ("storage.adapters",), ("storage.bank",),
@@ -32,13 +32,16 @@ STORAGE = [
 ]  # fmt: skip
 VARIANTS = [("variants.*",), ("variants.contract",), ("variants",)]  # every built-in sits on the spine alone
 EXPERIMENTS = [
-    ("experiments.pretrained",), ("experiments.defaults",), ("experiments.estimator",), ("experiments.reports",),
-    ("experiments.finetune",), ("experiments.runs",), ("experiments.protocol",), ("experiments.studies",),
-    ("experiments.costs", "experiments.scaling"), ("experiments",),
+    ("experiments.analysis",), ("experiments.pretrained",), ("experiments.defaults",), ("experiments.estimator",),
+    ("experiments.reports",),
+    ("experiments.finetune",), ("experiments.runs",), ("experiments.stats",), ("experiments.protocol",),
+    ("experiments.studies",),
+    ("experiments.costs", "experiments.scaling", "experiments.memory"), ("experiments.crossover",),
+    ("experiments.leaderboard",), ("experiments.paper_lab",), ("experiments",),
 ]  # fmt: skip
 COURSE = [
     ("course.numerics",), ("course.adapter_layers",), ("course.widgets",), ("course.exercises", "course.tour"),
-    ("course",),
+    ("course.nbgrader",), ("course",),
 ]  # fmt: skip
 LAYERS = SPINE + STORAGE + VARIANTS + EXPERIMENTS + COURSE + [("cli",)]
 

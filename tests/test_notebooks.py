@@ -21,6 +21,8 @@ CHAPTERS = [
     "07_rank_explorer",
     "08_lora_variants",
     "09_scaling_out",
+    "10_what_the_update_looks_like",
+    "12_memory_and_qlora",
 ]
 # Not a numbered chapter: the worked solutions of every chapter's checked exercises.
 SOLUTIONS = NOTEBOOKS / "solutions.ipynb"
@@ -35,7 +37,9 @@ MEASURING_EXERCISES = {
     "06_merging_and_hot_swapping": "check_merge_difference",
     "07_rank_explorer": "check_update_norm",
     "08_lora_variants": "check_frozen_adapter_bytes",
-    "09_scaling_out": "check_gradient_bytes",  # DDP all-reduces exactly the gradients that exist
+    "09_scaling_out": "check_mixed_lora_linear",  # one layer serving rows on different adapters, vs each alone
+    "10_what_the_update_looks_like": "check_top_similarity",  # phi(1, 1) of two A's, measured from their SVDs
+    "12_memory_and_qlora": "check_step_total_bytes",  # a training step's bytes, counted from the real tensors
 }
 CHECKER_CALL = re.compile(r"exercises\.(check_\w+)\(")
 IGNORE = "# NBVAL_IGNORE_OUTPUT"

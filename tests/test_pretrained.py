@@ -156,3 +156,114 @@ def test_an_adapters_base_record_from_metadata_or_the_old_side_file(tmp_path):
     assert adapter_provenance(old) == {}
     (old / LEGACY_BASE_RECORD).write_text(json.dumps({"preset": "tiny", "pretrain_iters": 20, "base_checkpoint": "/x"}))
     assert adapter_provenance(old) == {"preset": "tiny", "pretrain_iters": 20, "checkpoint": "/x", "vocab": None}
+
+
+# --- readers during a writer's fallback swap (no renameat2), and unverified entries ------------------------
+
+
+def _write_stuck_between_renames(path, model):
+    """In a forked child: save a checkpoint at `path` with the fallback swap (renameat2 off), stopped for good
+    between its two renames, where only the moved-aside old bundle is left. The test kills it there."""
+    import os
+    import time
+
+    from lora_lab import save_checkpoint
+    from lora_lab.storage import files
+
+    files._renameat2 = None
+    rename = os.rename
+
+    def slow_rename(src, dst, *args, **kwargs):
+        rename(src, dst, *args, **kwargs)
+        if "-old-" in os.fspath(dst):
+            time.sleep(600)
+
+    os.rename = slow_rename  # the child's own os module
+    save_checkpoint(model, path, replace_damaged=True)
+
+
+def _in_the_gap(path, model):
+    """A forked writer stuck in the gap of a fallback swap at `path` (returned once the old bundle moved aside)."""
+    import multiprocessing
+    import os
+    import time
+
+    writer = multiprocessing.get_context("fork").Process(target=_write_stuck_between_renames, args=(path, model))
+    writer.start()
+    deadline = time.monotonic() + 30
+    while os.path.lexists(path):
+        assert time.monotonic() < deadline and writer.is_alive(), "the writer never reached the gap"
+        time.sleep(0.005)
+    return writer
+
+
+def test_readers_find_a_cached_base_that_a_fallback_swap_has_moved_aside(tmp_path, text_file):
+    import copy
+    import os
+    import signal
+
+    from lora_lab import GPT, LoRAConfig, apply_lora, save_adapter, save_checkpoint
+    from lora_lab.experiments.pretrained import load_adapted
+
+    kwargs = dict(model_config=TINY, train_config=FAST, data_source=text_file, cache=tmp_path / "c", progress=False)
+    first = pretrained_base(**kwargs)
+    idx = torch.randint(0, first.model.config.vocab_size, (2, 16))
+    expected = first.model.eval()(idx)[0]
+    other = GPT(first.model.config)  # what the stuck writer is putting in: other weights
+    recorded = tmp_path / "base"  # an adapter's recorded base checkpoint, outside the cache
+    save_checkpoint(first.model, recorded)
+    model = apply_lora(copy.deepcopy(first.model), LoRAConfig(r=2, targets=("q_proj",)))
+    vocab = "".join(first.dataset.tokenizer.chars)
+    adapter = save_adapter(model, tmp_path / "a", metadata={"base": {"checkpoint": str(recorded), "vocab": vocab}})
+    for path in (first.path, recorded):
+        writer = _in_the_gap(path, other)
+        try:
+            for killed in (False, True):  # while the writer is stuck there, and once it was killed there
+                if killed:
+                    os.kill(writer.pid, signal.SIGKILL)
+                    writer.join()
+                again = pretrained_base(**kwargs)  # with path.exists() this trained the base again
+                assert again.from_cache and torch.equal(again.model(idx)[0], expected)
+                # the recorded base is read, not got again from the data (which is not there)
+                adapted, _, _ = load_adapted(adapter, data_source=tmp_path / "no-data", cache=tmp_path / "none")
+                assert torch.equal(adapted.eval()(idx)[0], expected)  # B = 0: the base's own logits
+        finally:
+            if writer.is_alive():
+                os.kill(writer.pid, signal.SIGKILL)
+                writer.join()
+        assert not path.exists()  # still moved aside: the next write to it puts it back
+    assert not (tmp_path / "none").exists()
+
+
+def test_an_unverified_cached_base_or_recorded_checkpoint_is_never_trusted_silently(tmp_path, text_file):
+    import copy
+    import json
+
+    from lora_lab import LoRAConfig, apply_lora, save_adapter
+    from lora_lab.experiments.pretrained import load_adapted
+    from lora_lab.storage.checkpoint import UnverifiedCheckpointError
+
+    kwargs = dict(model_config=TINY, train_config=FAST, data_source=text_file, cache=tmp_path / "c", progress=False)
+    first = pretrained_base(**kwargs)
+    config_file = first.path / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["checksums"]  # as a cache entry written before checksums existed (or edited)
+    config_file.write_text(json.dumps(config))
+    before = {p.name: p.read_bytes() for p in first.path.iterdir()}
+    with pytest.raises(CorruptFileError, match="is unverified: its config records no checksum") as info:
+        pretrained_base(**kwargs)
+    assert str(first.path) in str(info.value) and "retrain=True (CLI: --retrain)" in str(info.value)
+    assert {p.name: p.read_bytes() for p in first.path.iterdir()} == before
+    # an adapter whose recorded base is that checkpoint: refused by name unless opted in
+    model = apply_lora(copy.deepcopy(first.model), LoRAConfig(r=2, targets=("q_proj",)))
+    vocab = "".join(first.dataset.tokenizer.chars)
+    adapter = save_adapter(model, tmp_path / "a", metadata={"base": {"checkpoint": str(first.path), "vocab": vocab}})
+    with pytest.raises(UnverifiedCheckpointError, match="allow_unverified=True"):
+        load_adapted(adapter, data_source=text_file, cache=tmp_path / "c")
+    adapted, _, _ = load_adapted(adapter, data_source=text_file, cache=tmp_path / "c", allow_unverified=True)
+    idx = torch.randint(0, first.model.config.vocab_size, (2, 16))
+    assert torch.equal(adapted.eval()(idx)[0], first.model.eval()(idx)[0])
+    assert {p.name: p.read_bytes() for p in first.path.iterdir()} == before
+    again = pretrained_base(retrain=True, **kwargs)  # the way out the message names
+    assert not again.from_cache and "checksums" in json.loads(config_file.read_text())
+    assert pretrained_base(**kwargs).from_cache

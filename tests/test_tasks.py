@@ -154,3 +154,20 @@ def test_every_task_says_what_it_tests_and_names_a_known_metric(splits):
         assert task.metric is None or task.metric in METRICS
     with pytest.raises(ValueError, match="unknown metric 'bleu'"):
         Task("x", "d", train="abc", validation="abc", source_validation="abc", metric="bleu")
+
+
+def test_echo_says_every_word_twice_and_keeps_the_layout(splits):
+    from lora_lab.tasks import echo_text
+
+    assert echo_text("To be, or not\n\nHAMLET:\n") == "To To be, be, or or not not\n\nHAMLET: HAMLET:\n"
+    assert echo_text("a  b") == "a a  b b"  # a double space stays a double space
+    task = make_task("echo", splits)
+    source = source_domain(splits)
+    assert task.train == echo_text(source["train"]) and task.validation == echo_text(source["validation"])
+    assert task.source_validation == source["validation"] and task.metric == "char_accuracy"
+    # every second word of a line repeats the word before it
+    line = next(line for line in task.validation.split("\n") if line.count(" ") >= 3)
+    words = line.split(" ")
+    assert words[0::2] == words[1::2]
+    if "test" in splits and splits["test"]:
+        assert task.test == echo_text(splits["test"]) and task.source_test == splits["test"]

@@ -8,6 +8,7 @@ import torch
 from lora_lab import GPT, CharTokenizer, GPTConfig, LoRAConfig, apply_lora, parameter_report
 from lora_lab.course import numerics, widgets
 from lora_lab.model import count_parameters_formula
+from lora_lab.train import TrainConfig
 
 
 def image_of(output) -> bool:
@@ -289,14 +290,17 @@ def test_rank_dashboard_says_what_trains_and_names_every_point_in_a_legend(tiny_
     assert statuses[-1] == "fine-tuning r=4 Wq+Wv: not in the cache yet..."  # shown while it trains
     dash.rank.value = 2
     assert dash.status.value == "r=2 Wq+Wv: from the cache (no new fine-tune)"
-    assert "training memory" in dash.numbers.value and "gradients + AdamW moments" in dash.numbers.value
+    assert "step memory" in dash.numbers.value and "gradients + AdamW moments" in dash.numbers.value
+    lora = dash.lora_config(2, ("Wq", "Wv"))
+    step = numerics.setting_memory(model, lora, TrainConfig().batch_size, model.config.block_size)
+    assert dash.current.step_bytes == step.total > dash.current.optimizer_bytes  # the whole step, from the ledger
     # two settings with the same memory (r=4 on Wq alone, r=2 on Wq+Wv): each named once, in the legend
     dash.compute_all([(4, ("Wq",)), (1, ("Wq", "Wv"))])
     ax = dash.figure().axes[0]
     labels = ax.get_legend_handles_labels()[1]
     settings = [p.label for p in dash.results.values()]
     assert all(labels.count(label) == 1 for label in settings) and not ax.texts  # no labels drawn on the points
-    assert "frozen weights and activations not counted" in ax.get_xlabel()
+    assert "the memory ledger" in ax.get_xlabel()
 
 
 def test_rank_dashboard_rejects_bad_settings(tiny_config):

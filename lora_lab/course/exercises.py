@@ -363,6 +363,103 @@ def check_whole_text_loss(whole_text_loss) -> CheckReport:
     return report
 
 
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def check_train_step(train_step) -> CheckReport:
+    """train_step(model, optimizer, x, y) -> float: one optimizer step on the batch (x, y), returning its loss.
+
+    Each case hands over a GPT with dropout, left in eval mode and holding gradients from an earlier backward,
+    and a plain SGD optimizer (no momentum), whose update is exactly -lr * gradient. So a right step moves the
+    weights along this batch's gradient alone (clipping may shorten the move, never turn it), and the classic
+    slips each leave their own trace: the old gradients added in (no zero_grad), the weights unmoved or moved by
+    the old gradients (step before backward), a tensor returned instead of a float, dropout left off (no train())."""
+    report = CheckReport("train_step(model, optimizer, x, y)")
+    gen = torch.Generator().manual_seed(5)
+    for layers, lr in ((1, 0.05), (2, 0.1)):
+        config = GPTConfig(vocab_size=11, block_size=8, n_layer=layers, n_head=2, n_embd=16, dropout=0.3)
+        with torch.random.fork_rng():
+            torch.manual_seed(layers)
+            model = GPT(config)
+        x = torch.randint(0, 11, (4, 8), generator=gen)
+        y = torch.randint(0, 11, (4, 8), generator=gen)
+        params = list(model.parameters())  # unique: lm_head.weight is tok_emb.weight
+        stale = [torch.randn(p.shape, generator=gen) for p in params]
+        case = f"{layers} layer(s), SGD lr={lr}"
+
+        reference = copy.deepcopy(model).train()  # this batch's gradient, under the dropout masks of seed 0
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            _, loss = reference(x, y)
+        loss.backward()
+        expected_loss = loss.item()
+        grad = _flat(p.grad for p in reference.parameters())
+        stale_flat = _flat(stale)
+        scale = float(grad.norm() / stale_flat.norm())  # old gradients as large as the new one
+        for p, s in zip(params, stale):
+            p.grad = s * scale
+
+        before = _flat(params)
+        model.eval()  # as an evaluation before the step would leave it
+        optimizer = torch.optim.SGD(params, lr=lr)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            ok, got = _call(report, case, train_step, model, optimizer, x, y)
+        if not ok:
+            continue
+        report.check(
+            isinstance(got, float),
+            f"{case}: returns a Python float",
+            f"{case}: returned a {type(got).__name__}, not a Python float: return loss.item() (a tensor keeps its "
+            "autograd graph, and a list of them keeps every step's graph alive)",
+        )
+        report.check(
+            model.training and all(m.training for m in model.modules()),
+            f"{case}: leaves the model in train mode (dropout on)",
+            f"{case}: the model was handed over in eval mode and left there, so dropout was off during the step: "
+            "call model.train() first",
+        )
+        try:
+            value = float(got.detach() if isinstance(got, torch.Tensor) else got)
+        except Exception:  # anything float() refuses: already reported as not a float
+            value = math.nan
+        report.check(
+            math.isclose(value, expected_loss, rel_tol=1e-4),
+            f"{case}: returns the batch's loss before the step ({expected_loss:.4f})",
+            f"{case}: returned {got!r:.60}, expected the batch's loss before the step, in train mode "
+            f"({expected_loss:.4f})",
+        )
+        move = _flat(params) - before
+        wanted = -grad  # SGD: -lr * gradient (times a clipping factor <= 1)
+        if float(move.norm()) == 0.0:
+            report.check(
+                False,
+                "",
+                f"{case}: the weights did not move: optimizer.step() must come after loss.backward() (step applies "
+                "the gradients that backward has just computed)",
+            )
+            continue
+        along = _cosine(move, wanted)
+        factor = float(move.norm() / (lr * grad.norm()))
+        hint = ""
+        if _cosine(move, -(grad + scale * stale_flat)) > 0.999:
+            hint = " (it is the new gradient plus the old one: call optimizer.zero_grad() before backward)"
+        elif _cosine(move, -stale_flat) > 0.999:
+            hint = " (it is the old gradients: optimizer.step() came before loss.backward())"
+        report.check(
+            along > 0.999 and factor < 1 + 1e-4,
+            f"{case}: the weights move along this batch's gradient only (by {factor:.2f} of lr x gradient)",
+            f"{case}: the weights did not move along this batch's gradient (cosine {along:.3f}, length {factor:.2f} "
+            f"of lr x gradient){hint}",
+        )
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------
 # Chapter 4
 
@@ -838,5 +935,236 @@ def check_frozen_adapter_bytes(frozen_adapter_bytes) -> CheckReport:
             isinstance(got, int) and got == expected,
             f"{variant}: {expected:,} bytes",
             f"{variant}: got {got!r}, expected {expected:,} bytes{hint}",
+        )
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 9
+
+
+def _mixed_case(seed: int, d: int, k: int, ranks: dict[str, int], rows: list, T: int = 3):
+    """(x, weight, adapters, rows) of one mixed batch: random tensors, B non-zero as after training, and a
+    different scale per adapter so a forgotten or swapped scale shows."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(rows), T, k, generator=gen)
+    weight = torch.randn(d, k, generator=gen) / math.sqrt(k)
+    adapters = {
+        name: (torch.randn(r, k, generator=gen), torch.randn(d, r, generator=gen), 0.5 * (i + 1) / r)
+        for i, (name, r) in enumerate(ranks.items())
+    }
+    return x, weight, adapters, rows
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    return torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _mixed_reference(x, weight, adapters, rows, every_adapter=False, unscaled=False) -> torch.Tensor:
+    """Row i through its own adapted layer alone, W0 + s B A (the right answer), or a classic wrong one: every
+    adapter's branch on every row, or the branch without its scale."""
+    out = []
+    for i, name in enumerate(rows):
+        names = list(adapters) if every_adapter else ([] if name is None else [name])
+        w = weight.clone()
+        for n in names:
+            A, B, scale = adapters[n]
+            w = w + (1.0 if unscaled else scale) * B @ A
+        out.append(x[i] @ w.T)
+    return torch.stack(out)
+
+
+def check_mixed_lora_linear(mixed_lora_linear) -> CheckReport:
+    """mixed_lora_linear(x, weight, adapters, rows) -> one frozen linear layer serving a batch whose rows use
+    different adapters: x (N, T, k), weight W0 (d, k), adapters {name: (A (r, k), B (d, r), scale)}, rows a list of
+    N adapter names or None. Row i of the (N, T, d) output is x_i W0^T + scale * x_i A^T B^T with row i's own
+    adapter, or x_i W0^T alone where rows[i] is None; the inputs are left unchanged."""
+    report = CheckReport("mixed_lora_linear(x, weight, adapters, rows)")
+    cases = (
+        ("2 adapters of ranks 2 and 3, one row on the plain base", 0, 6, 6, {"a": 2, "b": 3}, ["a", None, "b", "a"]),
+        ("d != k, an adapter no row uses", 1, 5, 7, {"a": 1, "b": 4, "c": 2}, ["b", None, "b", "a"]),
+        ("every row on the plain base", 2, 4, 3, {"a": 2}, [None, None]),
+        ("one row", 3, 3, 5, {"a": 2, "b": 2}, ["b"]),
+    )
+    for case, seed, d, k, ranks, rows in cases:
+        x, weight, adapters, rows = _mixed_case(seed, d, k, ranks, rows)
+        inputs = [x, weight] + [t for A, B, _ in adapters.values() for t in (A, B)]
+        before = [t.clone() for t in inputs]
+        # every answer, right and wrong, from the untouched inputs: the learner's code may change them in place
+        expected = _mixed_reference(x, weight, adapters, rows)
+        every_adapter = _mixed_reference(x, weight, adapters, rows, every_adapter=True)
+        unscaled = _mixed_reference(x, weight, adapters, rows, unscaled=True)
+        base_out = x @ weight.T
+        ok, got = _call(report, case, mixed_lora_linear, x, weight, adapters, list(rows))
+        if not ok:
+            continue
+        if not report.require(
+            isinstance(got, torch.Tensor) and tuple(got.shape) == tuple(expected.shape),
+            f"{case}: expected a tensor of shape {tuple(expected.shape)}, got "
+            f"{tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}",
+        ):
+            continue
+        got = got.detach().float()
+        right = _close(got, expected)
+        base_rows_kept = all(_close(got[i], base_out[i]) for i, name in enumerate(rows) if name is None)
+        hint = ""
+        if not right and not base_rows_kept:
+            hint = " (a row whose adapter is None keeps the base output x W0^T alone)"
+        if len(adapters) > 1 and _close(got, every_adapter):
+            hint = " (every row got every adapter's branch; row i takes only its own adapter, rows[i])"
+        elif not right and _close(got, unscaled):
+            hint = " (the branch is scaled: scale * x A^T B^T)"
+        error = (got - expected).abs().max().item()
+        report.check(
+            right,
+            f"{case}: every row matches its own adapted layer alone",
+            f"{case}: differs from each row's own adapted layer by up to {error:.3g}{hint}",
+        )
+        report.check(
+            all(torch.equal(a, b) for a, b in zip(inputs, before)),
+            f"{case}: x, the weight and the adapters are left unchanged",
+            f"{case}: your function changed its inputs in place",
+        )
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 10
+
+
+def _top_similarity_answers(a_1: torch.Tensor, a_2: torch.Tensor) -> dict[str, float]:
+    """The right answer and the classic wrong ones, so a wrong answer can be named."""
+    v_1 = torch.linalg.svd(a_1.double(), full_matrices=False).Vh
+    v_2 = torch.linalg.svd(a_2.double(), full_matrices=False).Vh
+    cos = float(v_1[0] @ v_2[0])
+    rows = a_1[0].double() / a_1[0].double().norm(), a_2[0].double() / a_2[0].double().norm()
+    answers = {
+        "right": cos**2,
+        "unsquared": abs(cos),
+        "smallest": float(v_1[-1] @ v_2[-1]) ** 2,
+        "first rows": float(rows[0] @ rows[1]) ** 2,
+    }
+    if a_1.shape == a_2.shape:  # only then can the left-singular vectors (length r) be compared at all
+        u_1 = torch.linalg.svd(a_1.double(), full_matrices=False).U
+        u_2 = torch.linalg.svd(a_2.double(), full_matrices=False).U
+        answers["left"] = float(u_1[:, 0] @ u_2[:, 0]) ** 2
+    return answers
+
+
+def check_top_similarity(top_similarity) -> CheckReport:
+    """top_similarity(a_1, a_2) -> phi(1, 1): the squared cosine between the top right-singular vectors of
+    A_1 (r_1, k) and A_2 (r_2, k), as experiments.analysis.subspace_similarity(a_1, a_2)[0, 0] computes it."""
+    report = CheckReport("top_similarity(a_1, a_2)")
+    gen = torch.Generator().manual_seed(10)
+    base = torch.randn(6, 24, generator=gen)
+    scaled_rows = torch.eye(24)[:3] * torch.tensor([[3.0], [2.0], [1.0]])  # reads inputs 0-2, 0 the most
+    narrow, wide = torch.randn(4, 24, generator=gen), torch.randn(12, 24, generator=gen)
+    cases = [
+        ("r_1 = r_2 = 6, k = 24", base, torch.randn(6, 24, generator=gen)),
+        ("r_1 = 4, r_2 = 12, k = 24 (different ranks)", narrow, wide),
+        ("A_2 = 3 A_1 (the same directions)", base, 3 * base),
+        ("A_1 and A_2 read orthogonal inputs", scaled_rows, torch.eye(24)[3:8]),
+    ]
+    hints = {
+        "unsquared": "that is |cos|: phi(1, 1) is the squared cosine",
+        "smallest": "those are the smallest singular directions: the top one is the first row of Vh",
+        "first rows": "that compares A's first rows: use the top right-singular vectors (rows of Vh), not rows of A",
+        "left": "those are left-singular vectors (A's r outputs): phi compares the inputs A reads, the rows of Vh",
+    }
+    for case, a_1, a_2 in cases:
+        ok, got = _call(report, case, top_similarity, a_1.clone(), a_2.clone())
+        if not ok:
+            continue
+        answers = _top_similarity_answers(a_1, a_2)
+        try:
+            value = float(got)
+        except (TypeError, ValueError):
+            report.check(False, f"{case}: expected a number, got {type(got).__name__}")
+            continue
+        if math.isclose(value, answers["right"], rel_tol=1e-4, abs_tol=1e-6):
+            report.check(True, f"{case}: phi(1, 1) = {answers['right']:.4f}")
+            continue
+        named = [n for n, v in answers.items() if n != "right" and math.isclose(value, v, rel_tol=1e-4, abs_tol=1e-6)]
+        why = hints[named[0]] if named else "compare your top right-singular vectors with torch.linalg.svd(a).Vh[0]"
+        report.check(False, f"{case}: got {value:.4f}, expected {answers['right']:.4f}: {why}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 12: the memory ledger
+
+
+def _one_step(model: nn.Module, seed: int):
+    """One AdamW step of `model` on a seeded batch: (optimizer, every tensor autograd saved, in order, views and
+    repeats included). The gradients stay in place, as they are just before zero_grad."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = (torch.randint(0, model.config.vocab_size, (2, model.config.block_size), generator=gen) for _ in "xy")
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        _, loss = model(x, y)
+    loss.backward()
+    optimizer.step()
+    return optimizer, saved
+
+
+def check_step_total_bytes(step_total_bytes) -> CheckReport:
+    """step_total_bytes(model, optimizer, saved) -> the bytes one training step holds: every parameter and buffer
+    once (a tied weight is one tensor), every .grad, every tensor in the optimizer's state, and the tensors autograd
+    saved for backward (`saved`: a list with views and repeats), each storage once and not the weights themselves."""
+    from ..nf4 import quantize_base  # the spine's QLoRA base: its codes and scales are buffers
+
+    report = CheckReport("step_total_bytes(model, optimizer, saved)")
+    config = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=64)
+    lora = LoRAConfig(r=2, targets=("q_proj", "v_proj"))
+    cases = (
+        ("full fine-tuning (tied embedding)", lambda: GPT(config)),
+        ("LoRA r=2", lambda: apply_lora(GPT(config), lora)),
+        ("QLoRA r=2 (NF4 base)", lambda: apply_lora(quantize_base(GPT(config)), lora)),
+    )
+    for seed, (name, build) in enumerate(cases):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build()
+            optimizer, saved = _one_step(model, seed)
+        params, buffers = list(model.parameters()), list(model.buffers())
+        held = {t.untyped_storage().data_ptr() for t in params + buffers}
+        weights = sum(tensor_bytes(t) for t in params + buffers)
+        grads = sum(tensor_bytes(p.grad) for p in params if p.grad is not None)
+        state = sum(tensor_bytes(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        activations = sum(n for ptr, n in storages.items() if ptr not in held)
+        expected = weights + grads + state + activations
+        ok, got = _call(report, name, step_total_bytes, model, optimizer, list(saved))
+        if not ok:
+            continue
+        tied = tensor_bytes(model.tok_emb.weight)
+        via_state_dict = expected - weights + sum(tensor_bytes(t) for t in model.state_dict().values())
+        hint = ""
+        if got == expected - state:
+            hint = " (the optimizer's state is missing: AdamW keeps two moments per trainable number)"
+        elif got in (expected + tied, via_state_dict):
+            hint = (
+                " (the tied embedding counted twice? state_dict names it twice and leaves out non-persistent"
+                " buffers; model.parameters() and model.buffers() list each tensor once)"
+            )
+        elif got == expected - sum(tensor_bytes(b) for b in buffers):
+            hint = " (buffers are missing: the rotary tables, and a QLoRA base's codes and scales)"
+        elif got == expected - grads:
+            hint = " (the gradients are missing)"
+        elif got > expected and got - expected <= sum(tensor_bytes(t) for t in saved):
+            hint = (
+                " (saved tensors counted more than once, or the weights autograd saved counted again: count each"
+                " storage once, leaving out the parameters' and buffers')"
+            )
+        report.check(
+            isinstance(got, int) and got == expected,
+            f"{name}: {expected:,} bytes",
+            f"{name}: got {got!r}, expected {expected:,} bytes{hint}",
         )
     return report

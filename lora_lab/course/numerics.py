@@ -5,13 +5,16 @@ memory and their formatting. A library module: plain functions and dataclasses, 
 - Chapter 2: `lora_params` (one matrix, from the variant's own `parameter_count`), `block_linears` (the shapes of
   one GPT block, read from a model built on the meta device), `lora_parameter_count` and `transformer_lora_params`
   (a whole GPT), `base_parameter_count`, `matrix_counts` and `model_counts` (what the two counters show).
-- Chapter 5: `count_training_memory` (one real AdamW step, counted tensor by tensor), `cuda_peak_training_memory`.
-- Chapter 7: `SettingResult` (one point of the rank dashboard) and `setting_costs`.
+- Chapter 5: `count_training_memory` (one real AdamW step, counted tensor by tensor by experiments.memory's
+  ledger, the one counter every chapter uses), `cuda_peak_training_memory`.
+- Chapter 7: `SettingResult` (one point of the rank dashboard), `setting_costs` and `setting_memory` (the ledger of
+  one training step of the setting: its whole memory).
 - Formatting: `format_count`, `format_bytes`, `storage_comparison`.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
@@ -20,8 +23,9 @@ import torch
 import torch.nn as nn
 
 from ..devices import autocast_for
+from ..experiments.memory import MemoryLedger, memory_ledger
 from ..experiments.pretrained import PRESETS
-from ..lora import LoRAConfig, variant_class
+from ..lora import LoRAConfig, apply_lora, variant_class
 from ..model import GPT, GPTConfig
 from ..storage.adapters import expected_shapes
 from ..train import TrainConfig, make_optimizer
@@ -264,7 +268,9 @@ class TrainingMemory:
     """Bytes one training step keeps alive, counted tensor by tensor (not a process-level measurement).
 
     activations: tensors autograd saved for the backward pass (parameters excluded, shared storage counted
-    once); gradients: the .grad of every trainable parameter; optimizer: every tensor in the optimizer state.
+    once); gradients: the .grad of every trainable parameter; optimizer: every tensor in the optimizer state;
+    buffers: the model's tensors that are not parameters (rotary tables). The memory ledger's kinds, in the
+    names chapter 5 uses (experiments.memory.MemoryLedger has the rest).
     """
 
     frozen_weights: int
@@ -272,10 +278,11 @@ class TrainingMemory:
     activations: int
     gradients: int
     optimizer: int
+    buffers: int = 0
 
     @property
     def total(self) -> int:
-        return self.frozen_weights + self.trainable_weights + self.activations + self.gradients + self.optimizer
+        return sum(getattr(self, f.name) for f in fields(self))
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
@@ -288,38 +295,20 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def count_training_memory(
     model: GPT, x: torch.Tensor, y: torch.Tensor, train_config: TrainConfig | None = None
 ) -> TrainingMemory:
-    """Run one real AdamW step of `model` on (x, y) and count the bytes of what it allocated.
+    """Run one real AdamW step of `model` on (x, y) and count the bytes of what it allocated: the memory
+    ledger (experiments.memory.memory_ledger) in chapter 5's five rows.
 
     The step changes the model (it trains it), so pass a copy if the model matters afterwards.
     """
-    cfg = train_config or TrainConfig()
-    params = list(model.parameters())  # unique: a tied weight is listed once
-    param_storages = {p.untyped_storage().data_ptr() for p in params}
-    saved: dict[int, int] = {}  # storage address -> bytes
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    model.train()
-    optimizer = make_optimizer(model, cfg)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, loss = model(x, y)
-    loss.backward()
-    optimizer.step()
-    trainable = [p for p in params if p.requires_grad]
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    memory = TrainingMemory(
-        frozen_weights=sum(tensor_bytes(p) for p in params if not p.requires_grad),
-        trainable_weights=sum(tensor_bytes(p) for p in trainable),
-        activations=sum(saved.values()),
-        gradients=sum(tensor_bytes(p.grad) for p in trainable if p.grad is not None),
-        optimizer=sum(tensor_bytes(t) for t in state),
+    ledger = memory_ledger(model, int(x.shape[0]), int(x.shape[1]), batch=(x, y), train_config=train_config)
+    return TrainingMemory(
+        frozen_weights=ledger.frozen_weights,
+        trainable_weights=ledger.trainable_weights,
+        activations=ledger.activations,
+        gradients=ledger.gradients,
+        optimizer=ledger.optimizer_state,
+        buffers=ledger.buffers,
     )
-    optimizer.zero_grad(set_to_none=True)
-    return memory
 
 
 def cuda_peak_training_memory(
@@ -372,6 +361,7 @@ class SettingResult:
     target_loss: float
     source_loss: float
     variant: str = "lora"
+    step_bytes: int = 0  # the whole memory of one training step (setting_memory's ledger total); 0: not counted
 
     @property
     def label(self) -> str:
@@ -393,3 +383,15 @@ def setting_costs(config: GPTConfig, lora: LoRAConfig | None) -> tuple[int, int,
             shapes = expected_shapes(GPT(config), lora)
         stored = sum(math.prod(shape) for shape in shapes.values())
     return trainable, stored * FP32_BYTES, trainable * 3 * FP32_BYTES
+
+
+def setting_memory(base_model: GPT, lora: LoRAConfig | None, batch_size: int, seq_len: int) -> MemoryLedger:
+    """The memory ledger of one AdamW step of the setting (full fine-tuning for lora=None) at this batch size and
+    sequence length: frozen and trainable weights, gradients, optimizer state and activations, all of it.
+
+    Counted on a CPU copy of `base_model` (the model itself is not changed); the count is the same on any machine."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # apply_lora draws A: the count does not depend on it, the caller's stream stays put
+        model = copy.deepcopy(base_model).cpu()
+        model = model.requires_grad_(True) if lora is None else apply_lora(model, lora)
+    return memory_ledger(model, batch_size, seq_len)

@@ -46,6 +46,7 @@ from .numerics import (
     matrix_counts,
     model_counts,
     setting_costs,
+    setting_memory,
     storage_comparison,
 )
 
@@ -455,10 +456,11 @@ class RankDashboard(_Widget):
     Quality is the target-domain validation loss after a short fine-tune (finetune's estimator,
     estimator.task_scores), computed once per setting and cached, so moving a control back to a setting already
     seen is instant (`from_cache` tells which). While an uncached setting trains, a status line names it and a
-    progress bar advances at each measured point of its curve. "Training memory" counts what training adds for the
-    trainable weights:
-    their fp32 gradients and AdamW's two moments (12 bytes each); the frozen weights (the same for every
-    setting) and the activations are not counted.
+    progress bar advances at each measured point of its curve. "Step memory" is the whole memory of one training
+    step of the setting, from the memory ledger (numerics.setting_memory: frozen and trainable weights, gradients,
+    AdamW state and saved activations at the training batch size and the model's block size); the part that
+    grows with the trainable weights alone (fp32 gradients and AdamW's two moments, 12 bytes each) is shown
+    beside it as `optimizer_bytes`.
     `evaluate(lora_config_or_None) -> {"target": loss, "source": loss}` does the fine-tuning; by default it
     is `finetune.finetune` without a progress bar: LoRA with `train_config`, full fine-tuning (the reference
     point, `include_full`) with `full_train_config`, by default the full fine-tuning defaults at the same
@@ -564,6 +566,8 @@ class RankDashboard(_Widget):
             losses = self._evaluate(config)
             self.status.value = f"{name}: fine-tuned in {time.perf_counter() - t0:.1f} s, now cached"
             trainable, stored, training = setting_costs(self.base_model.config, config)
+            batch_size = getattr(self.train_config, "batch_size", None) or TrainConfig().batch_size
+            step = setting_memory(self.base_model, config, batch_size, self.base_model.config.block_size)
             self.results[key] = SettingResult(
                 r,
                 groups,
@@ -573,6 +577,7 @@ class RankDashboard(_Widget):
                 float(losses["target"]),
                 float(losses["source"]),
                 variant or "lora",
+                step.total,
             )
             self.fine_tunes += 1
         return self.results[key]
@@ -598,8 +603,8 @@ class RankDashboard(_Widget):
         self.numbers.value = (
             f"<b>{c.label}</b>: {c.trainable_params:,} trainable parameters "
             f"({c.trainable_params / self.base_params:.2%} of the base); adapter {format_bytes(c.adapter_bytes)}; "
-            f"training memory {format_bytes(c.optimizer_bytes)} (gradients + AdamW moments of the trainable "
-            f"weights); target loss {c.target_loss:.3f}, "
+            f"step memory {format_bytes(c.step_bytes)} (the whole training step, of which gradients + AdamW "
+            f"moments {format_bytes(c.optimizer_bytes)}); target loss {c.target_loss:.3f}, "
             f"source loss {c.source_loss:.3f}" + (" (cached)" if self.from_cache else "")
         )
         self._draw()
@@ -608,33 +613,31 @@ class RankDashboard(_Widget):
         show_figure(self.plot, self.figure(), "quality vs memory")
 
     def figure(self) -> Figure:
-        """Target loss against training memory for every setting computed so far; the current one ringed.
+        """Target loss against the whole memory of a training step for every setting so far; the current one ringed.
 
         Each setting has its own marker, named in the legend beside the axes: labels written next to the points
         overlapped wherever two settings cost about the same memory."""
         fig = Figure(figsize=(9, 4), layout="constrained")
         ax = fig.subplots()
         points = sorted(
-            (res for res in self.results.values() if res.r is not None), key=lambda p: (p.optimizer_bytes, p.label)
+            (res for res in self.results.values() if res.r is not None), key=lambda p: (p.step_bytes, p.label)
         )
         for i, p in enumerate(points):
             ax.scatter(
-                [p.optimizer_bytes],
+                [p.step_bytes],
                 [p.target_loss],
                 color=f"C{i % 10}",
                 marker="os^Dv<>P*X"[i // 10 % 10],
                 label=p.label,
             )
         if self.full is not None:
-            ax.scatter(
-                [self.full.optimizer_bytes], [self.full.target_loss], marker="s", color="k", label="full fine-tuning"
-            )
+            ax.scatter([self.full.step_bytes], [self.full.target_loss], marker="s", color="k", label="full fine-tuning")
         if getattr(self, "base_losses", None):
             ax.axhline(self.base_losses["target"], color="k", linestyle="--", linewidth=1, label="base model")
         current = getattr(self, "current", None)
         if current is not None and not self.error:
             ax.scatter(
-                [current.optimizer_bytes],
+                [current.step_bytes],
                 [current.target_loss],
                 s=250,
                 facecolors="none",
@@ -644,22 +647,24 @@ class RankDashboard(_Widget):
             )
         ax.set_xscale("log")
         ax.set_xlabel(
-            "training memory: gradients + AdamW moments of the trainable weights\n"
-            "(bytes, log scale; frozen weights and activations not counted)"
+            "memory of one training step: weights, gradients, AdamW state and activations\n"
+            "(bytes, log scale; the memory ledger)"
         )
         ax.set_ylabel("target validation loss (lower is better)")
-        ax.set_title(f"quality vs training memory{f' on {self.task.name}' if self.task is not None else ''}")
+        ax.set_title(f"quality vs step memory{f' on {self.task.name}' if self.task is not None else ''}")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
         return fig
 
     def table(self) -> str:
         """Every setting computed so far, sorted by memory, as aligned text."""
-        rows = sorted(self.results.values(), key=lambda p: (p.optimizer_bytes, p.label))
-        lines = [f"{'setting':<22}{'trainable':>11}{'adapter':>11}{'grad+Adam':>11}{'target':>8}{'source':>8}"]
+        rows = sorted(self.results.values(), key=lambda p: (p.step_bytes, p.label))
+        head = f"{'setting':<22}{'trainable':>11}{'adapter':>11}{'grad+Adam':>11}{'step':>11}{'target':>8}{'source':>8}"
+        lines = [head]
         for p in rows:
             lines.append(
                 f"{p.label:<22}{p.trainable_params:>11,}{format_bytes(p.adapter_bytes):>11}"
-                f"{format_bytes(p.optimizer_bytes):>11}{p.target_loss:>8.3f}{p.source_loss:>8.3f}"
+                f"{format_bytes(p.optimizer_bytes):>11}{format_bytes(p.step_bytes):>11}"
+                f"{p.target_loss:>8.3f}{p.source_loss:>8.3f}"
             )
         return "\n".join(lines)
 

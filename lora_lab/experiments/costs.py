@@ -8,10 +8,12 @@ operators. Both counts are exact and the same on every machine, so chapter 05 an
 
     cost = step_cost(model, x, y)        # one forward + backward, the way train() runs it (autocast included)
     cost.flops, cost.operators
+    optimizer_step_cost(model, x, y, lambda ps: torch.optim.AdamW(ps))   # the step that follows: elements written
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -67,3 +69,48 @@ def step_cost(
         for p, grad in had_grad.items():
             p.grad = grad
     return StepCost(flops=flops.get_total_flops(), operators=ops.count)
+
+
+class ElementCount(OperatorCount):
+    """OperatorCount that also adds up the elements each counted operator writes: the work of elementwise
+    steps (an optimizer's update), which a FLOP counter of matmuls leaves out."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = self.count
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.count > before:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.elements += t.numel()
+        return out
+
+
+@dataclass(frozen=True)
+class OptimizerStepCost:
+    elements: int  # elements written by the step's operators (about a dozen per trainable number for AdamW)
+    operators: int  # operators the step runs
+    trainable: int  # trainable numbers it updates
+
+
+def optimizer_step_cost(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, make_optimizer) -> OptimizerStepCost:
+    """Count the optimizer's step that follows one forward + backward (what step_cost leaves out), on a copy
+    of the model: `make_optimizer(parameters)` builds it (for example lambda ps: torch.optim.AdamW(ps, lr=1e-3)).
+    The first step also creates the optimizer's state; the step counted is the second, the steady one."""
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params)
+    with torch.random.fork_rng(devices=[]):
+        for step in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            _, loss = model(x, y)
+            loss.backward()
+            if step == 1:
+                with ElementCount() as counted:
+                    optimizer.step()
+            else:
+                optimizer.step()
+    return OptimizerStepCost(counted.elements, counted.count, sum(p.numel() for p in params))

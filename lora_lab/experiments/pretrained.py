@@ -19,10 +19,17 @@ from ..data import CharDataset, CharTokenizer, load_splits
 from ..digests import json_digest, text_digest
 from ..distributed import data_parallel
 from ..model import GPT, GPTConfig
-from ..storage.adapters import LEGACY_FILES, load_adapter, read_adapter_metadata
-from ..storage.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
-from ..storage.files import CorruptFileError, read_json
-from ..train import TrainConfig, train
+from ..nf4 import quantize_like
+from ..storage.adapters import LEGACY_FILES, QUANT_KEY, load_adapter, read_adapter, read_adapter_metadata
+from ..storage.checkpoint import (
+    CheckpointMismatchError,
+    UnverifiedCheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ..storage.files import CorruptFileError, bundle_exists, read_json
+from ..tensorboard_logs import log_recorded_run
+from ..train import TrainConfig, learning_rate_at, train
 
 CACHE_ENV = "LORA_LAB_CACHE"
 
@@ -111,6 +118,12 @@ def _load_cached(path: Path, model_config: GPTConfig) -> tuple[GPT, dict]:
     """Load a cache entry; a damaged one gets an error that names the folder and how to recover."""
     try:
         return load_checkpoint(path, expected_config=model_config)
+    except UnverifiedCheckpointError:  # lora_lab's own folder, from before checksums: trained again, never trusted
+        raise CorruptFileError(
+            f"The cached base model in {path} is unverified: its config records no checksum of its weights (saved "
+            f"before lora_lab recorded them, or edited). Train it again with retrain=True (CLI: --retrain), which "
+            f"replaces that folder, or delete the folder {path}."
+        ) from None
     except (CorruptFileError, CheckpointMismatchError, FileNotFoundError) as err:
         raise CorruptFileError(
             f"The cached base model in {path} is damaged: {err} To recover, train it again with "
@@ -129,7 +142,8 @@ def pretrained_base(
     progress: bool = True,
     retrain: bool = False,
 ) -> Pretrained:
-    """Load the cached base GPT for `preset` (or explicit configs), training it first if needed."""
+    """Load the cached base GPT for `preset` (or explicit configs), training it first if needed.
+    With train_config.log_dir, training logs to TensorBoard; a cached base writes its recorded history there."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     preset_model, preset_train = PRESETS[preset]
@@ -147,9 +161,14 @@ def pretrained_base(
     path = (
         cache_dir(cache) / f"base-{cache_key(model_config, train_config, source['train'], tokenizer.chars, world_size)}"
     )
-    if path.exists() and not retrain:
+    if bundle_exists(path) and not retrain:  # also while a save without renameat2 has the entry moved aside
         model, meta = _load_cached(path, model_config)
-        return Pretrained(model, dataset, texts, meta.get("history", {}), path, from_cache=True)
+        history = meta.get("history", {})
+        if train_config.log_dir is not None:  # TensorBoard: the cached base's recorded history, once per folder
+            rates = [learning_rate_at(i, train_config) for i in range(train_config.max_iters)]
+            note = "Loaded from lora_lab's base cache, not trained again: no gradient norms were recorded."
+            log_recorded_run(train_config.log_dir, rates, history.get("evals", []), history.get("losses"), note)
+        return Pretrained(model, dataset, texts, history, path, from_cache=True)
 
     torch.manual_seed(train_config.seed)
     model = GPT(model_config)
@@ -228,11 +247,13 @@ def load_adapted(
     The base is the record's cached checkpoint when it is still there; else it is got again with
     pretrained_base from the record's preset and pretrain_iters (preset / pretrain_iters here fill in what the
     record leaves out). load_adapter then refuses an adapter trained on other weights unless allow_other_base, and
-    an unverified one (no checksums or base digest) unless allow_unverified."""
+    an unverified one (no checksums or base digest) unless allow_unverified, which also lets the recorded base
+    checkpoint load if it is unverified (no checksum). A QLoRA adapter's base is quantized as its record says
+    (nf4.quantize_like) before the adapter is loaded; with allow_other_base it runs on the full-precision base."""
     record = adapter_provenance(adapter)
     path = record.get("checkpoint")
-    if path and Path(path).is_dir() and record.get("vocab"):
-        model, _ = load_checkpoint(path)
+    if path and bundle_exists(path) and record.get("vocab"):  # not is_dir(): a fallback swap may be mid-way
+        model, _ = load_checkpoint(path, allow_unverified=allow_unverified)
         tokenizer = CharTokenizer(record["vocab"])
     else:  # the cached base is gone, or the adapter was saved outside the CLI: get the base again
         preset = record.get("preset") or preset or "tiny"
@@ -248,5 +269,8 @@ def load_adapted(
         model, tokenizer = base.model, base.dataset.tokenizer
         if record.get("vocab") and "".join(tokenizer.chars) != record["vocab"]:
             raise ValueError(f"Adapter {adapter} was trained with another vocabulary than this data's.")
+    quantized = read_adapter(adapter)[2].get(QUANT_KEY)
+    if quantized is not None and not allow_other_base:  # a QLoRA adapter: quantize the base as it was
+        quantize_like(model, quantized)
     load_adapter(model, adapter, allow_other_base=allow_other_base, allow_unverified=allow_unverified)
     return model, tokenizer, record

@@ -20,13 +20,14 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..lora import LoRAConfig
 from ..model import GPT
 from ..storage.files import claim_output_dir, write_file_atomic, write_json_atomic
 from ..tasks import Task
+from ..tensorboard_logs import check_log_dir, require_tensorboard, run_log_dir
 from ..train import TrainConfig
 from .defaults import (
     CURVE_POINTS,
@@ -209,8 +210,13 @@ def compare(
     train_overrides: dict | None = None,
     curve_points: int = CURVE_POINTS,
     log=None,
+    log_dir: str | os.PathLike | None = None,
 ) -> Comparison:
-    """The protocol: per method, sweep its learning rates on seeds[0], then run every seed at the best rate."""
+    """The protocol: per method, sweep its learning rates on seeds[0], then run every seed at the best rate.
+
+    log_dir: TensorBoard logs of every run, under tensorboard_logs.run_log_dir (<log_dir>/<task>/<method>/seed=<n>,
+    with lr=<rate>/ before seed= for a method that tries several rates), so TensorBoard overlays them; cached runs
+    are written from their record (runs.log_cached_run)."""
     seeds = tuple(seeds)
     if len(seeds) < 1 or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct integers (3 or more for a spread), got {seeds!r}.")
@@ -219,6 +225,11 @@ def compare(
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise ValueError(f"Two methods share a label: {labels}; give each a distinct label.")
+    if "log_dir" in (train_overrides or {}):
+        raise ValueError("Pass compare(log_dir=...), not a train_overrides log_dir: each run gets its own folder.")
+    if log_dir is not None:
+        check_log_dir(log_dir)
+        require_tensorboard()
     say = log or (lambda line: None)
     t0 = time.perf_counter()
     digest = model_digest(base_model) if cache is not False else None
@@ -229,6 +240,9 @@ def compare(
 
         def run(lr, seed):
             cfg = protocol_train_config(method.lora is None, lr, seed, steps, **(train_overrides or {}))
+            if log_dir is not None:  # not part of the run's cache key: a cached run stays cached
+                several = len(method.learning_rates) > 1
+                cfg = replace(cfg, log_dir=run_log_dir(log_dir, task.name, method.label, seed, lr if several else None))
             result = run_once(
                 base_model,
                 task,

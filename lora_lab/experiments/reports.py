@@ -13,7 +13,7 @@ import os
 import statistics
 from pathlib import Path
 
-from ..storage.files import write_file_atomic
+from ..storage.files import check_output_path, write_file_atomic
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None, formats: dict[str, str] | None = None) -> str:
@@ -58,6 +58,7 @@ def new_figure(width: float, height: float, ncols: int = 1):
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Write the figure as a PNG, atomically."""
+    path = check_output_path(path, "save_figure")  # named as save_figure's before the figure is rendered
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return write_file_atomic(path, buf.getvalue())

@@ -21,7 +21,8 @@ from ..lora import LoRAConfig
 from ..model import GPT
 from ..storage.files import CorruptFileError, claim_output_dir, read_json, write_json_atomic
 from ..tasks import Task
-from ..train import TrainConfig
+from ..tensorboard_logs import log_recorded_run
+from ..train import TrainConfig, learning_rate_at
 from .defaults import CURVE_POINTS, EVAL_CHARS
 from .finetune import delta_norms, finetune, method_label
 from .pretrained import cache_dir
@@ -101,6 +102,19 @@ def read_entry(path: Path, key: str, cfg: TrainConfig, label: str) -> Run:
     return Run(**{**numbers, "method": label}, from_cache=True)
 
 
+CACHED_RUN_NOTE = (
+    "Read from lora_lab's run cache, not trained again: the evaluations and the learning-rate schedule are the "
+    "run's own, but the cache keeps no per-step training loss or gradient norm (run_once(cache=False) logs them)."
+)
+
+
+def log_cached_run(run: Run, cfg: TrainConfig) -> bool:
+    """A cached run in TensorBoard too (cfg.log_dir; see tensorboard_logs.log_recorded_run): its curve points and
+    its learning rate at every step, if the folder holds no events yet. True if it wrote."""
+    rates = [learning_rate_at(i, cfg) for i in range(cfg.max_iters)]
+    return log_recorded_run(cfg.log_dir, rates, run.curve, why=CACHED_RUN_NOTE)
+
+
 def model_digest(model: GPT) -> str:
     """A digest of the model's config and weights: a cache key part that changes whenever the base does."""
     return json_digest({"config": model.config.to_dict(), "weights": tensors_digest(model.state_dict())})
@@ -145,6 +159,8 @@ def run_once(
     """finetune.finetune of `base_model` (LoRA with `lora`, every weight if None) with `cfg`, cached on disk.
 
     cache=False runs without the cache; None uses runs_dir(); a path uses that model cache folder.
+    With cfg.log_dir the run logs to TensorBoard there as it trains; a cache hit writes its recorded curve there
+    instead (log_cached_run). cfg.log_dir is not part of the key: where a run logs does not change it.
     label defaults to finetune.method_label(lora)."""
     label = label or method_label(lora)
     key = None
@@ -152,7 +168,9 @@ def run_once(
         key = run_key(base_digest or model_digest(base_model), task, lora, cfg, eval_chars, points)
         path = runs_dir(None if cache is None else cache) / f"{key}.json"
         if path.is_file():
-            return read_entry(path, key, cfg, label)
+            cached = read_entry(path, key, cfg, label)
+            log_cached_run(cached, cfg)  # nothing without cfg.log_dir
+            return cached
     t0 = time.perf_counter()
     res = finetune(
         base_model, task, tokenizer, lora, cfg, False, eval_chars=eval_chars, curve_points=points, score_base=False

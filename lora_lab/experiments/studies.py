@@ -22,6 +22,7 @@ from ..model import GPT
 from ..storage.adapters import save_adapter
 from ..storage.files import claim_output_dir, folder_bytes, write_file_atomic
 from ..tasks import Task
+from ..tensorboard_logs import check_log_dir, require_tensorboard, run_log_dir
 from ..train import TrainConfig
 from .defaults import (
     ALPHA,
@@ -35,8 +36,9 @@ from .defaults import (
     SEEDS,
     STEPS,
     default_lora_config,
+    finetune_config,
 )
-from .finetune import DEFAULT_LORA, delta_norms, finetune
+from .finetune import DEFAULT_LORA, delta_norms, finetune, method_label
 from .protocol import Comparison, Method, MethodResult, compare, full_method, lora_method, mean_spread
 from .reports import format_table, plot_sweep, table_csv
 from .runs import Run
@@ -114,6 +116,7 @@ def rank_sweep(
     *,
     variant: str = "lora",
     options: dict | None = None,
+    log_dir: str | os.PathLike | None = None,
     **eval_options,
 ) -> Sweep:
     """LoRA (or `variant`, with its `options`) fine-tuned once per rank; with out_dir, write sweep.csv and sweep.png.
@@ -125,14 +128,24 @@ def rank_sweep(
     A fixed alpha makes scale = alpha / r shrink as r grows, and the learned update shrinks with it
     (norm_by_rank), so one rate is not equally fair to every rank. One seed, one rate: protocol.compare
     sweeps rates and seeds.
+
+    log_dir: a TensorBoard log per rank, in tensorboard_logs.run_log_dir(log_dir, task, "LoRA r=<r>", seed).
     """
     configs = sweep_configs(ranks, targets, alpha, variant, options)
     for cfg in configs:  # checked without touching the base: a rank too large for a target fails before training
         select_targets(base_model, cfg)
+    if log_dir is not None:
+        check_log_dir(log_dir)
+        require_tensorboard()  # a missing extra is named before anything trains or any folder is claimed
+        train_config = train_config or finetune_config()
     out = None if out_dir is None else check_sweep_output(out_dir)  # refuses a user's folder
     rows, base_losses = [], None
     for cfg in configs:
-        res = finetune(base_model, task, tokenizer, cfg, train_config, progress, **eval_options)
+        run_config = train_config
+        if log_dir is not None:
+            where = run_log_dir(log_dir, task.name, method_label(cfg), train_config.seed)
+            run_config = replace(train_config, log_dir=where)
+        res = finetune(base_model, task, tokenizer, cfg, run_config, progress, **eval_options)
         base_losses = res.base_losses
         rows.append(
             {
@@ -216,6 +229,7 @@ def lora_vs_full(
     full_rates=None,
     eval_chars: int | None = EVAL_CHARS,
     curve_points: int = CURVE_POINTS,
+    log_dir: str | os.PathLike | None = None,
 ) -> Comparison:
     """Base vs LoRA (r, alpha 16, attention) vs full fine-tuning. sweep=False runs each method at the rate the
     protocol chose (LORA_LEARNING_RATE, FULL_LEARNING_RATE): 6 runs. sweep=True sweeps both grids: 14 runs.
@@ -236,6 +250,7 @@ def lora_vs_full(
         log=log,
         eval_chars=eval_chars,
         curve_points=curve_points,
+        log_dir=log_dir,  # TensorBoard: <log_dir>/<task>/<method>/seed=<n>
     )
 
 

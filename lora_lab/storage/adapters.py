@@ -34,8 +34,9 @@ from ..lora import (
     require_lora,
     variant_class,
 )
+from ..nf4 import quantization_record
 from ..targets import target_linears, trainable_parameters
-from .files import CHECKSUMS_KEY, CorruptFileError, nonfinite_names, read_bundle, write_bundle
+from .files import CHECKSUMS_KEY, CorruptFileError, check_output_path, nonfinite_names, read_bundle, write_bundle
 
 ADAPTER_FORMAT = "lora_lab.adapter.v1"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -44,6 +45,7 @@ LEGACY_FILES = ("lora_lab_base.json",)  # the CLI of lora_lab 0.1 wrote this sid
 DIGEST_KEY = "base_weights_sha256"
 WEIGHTS_KEY = "base_weights"  # {name: {"shape": [...], "dtype": "float32"}} of the plain base model
 ALLOW_OTHER_BASE_HINT = "allow_other_base=True (CLI: --allow-other-base)"
+QUANT_KEY = "base_quantization"  # nf4.quantization_record of the base: what a QLoRA adapter was trained on
 
 
 class UnverifiedAdapterError(AdapterMismatchError):
@@ -51,7 +53,7 @@ class UnverifiedAdapterError(AdapterMismatchError):
 
 
 # What an adapter config may say about its base; older adapters hold only the fingerprint/config pair.
-BASE_KEYS = (WEIGHTS_KEY, DIGEST_KEY, "base_class", "base_config", "base_fingerprint")
+BASE_KEYS = (WEIGHTS_KEY, DIGEST_KEY, "base_class", "base_config", "base_fingerprint", QUANT_KEY)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +128,9 @@ def base_record(model: nn.Module, config: LoRAConfig, overrides: dict | None = N
     model_config = _model_config(model)
     if model_config is not None:
         record["base_config"] = model_config
+    quantization = quantization_record(model)  # a QLoRA base: its digest is of the 4-bit codes and scales
+    if quantization is not None:
+        record[QUANT_KEY] = quantization
     return record
 
 
@@ -161,11 +166,69 @@ def _architecture_difference(theirs: dict, mine: dict) -> str:
     return "; ".join(parts)
 
 
-def check_architecture(base: dict, model: nn.Module, source: str) -> None:
-    """Refuse an adapter whose base record (BASE_KEYS) describes a model of other weight names or shapes."""
+def _quantization_summary(record: dict | None) -> str:
+    if not record:
+        return "not quantized"
+    settings = sorted({(l["block_size"], l["double_quant"]) for l in record["layers"].values()})
+    how = ", ".join(f"blocks of {b}{' with double quantization' if dq else ''}" for b, dq in settings)
+    return f"{len(record['layers'])} layers in {record['method'].upper()} ({how})"
+
+
+def _layout(record: dict | None) -> dict | None:
+    if not record:
+        return None
+    layers = {n: {k: v for k, v in info.items() if k != "dtype"} for n, info in record["layers"].items()}
+    return {**record, "layers": layers}
+
+
+def unquantized_view(weights: dict, quantization: dict | None) -> dict:
+    """A weights record as the model would have it unquantized: each NF4 layer's buffers become its weight."""
+    out = dict(weights)
+    for layer, info in (quantization or {}).get("layers", {}).items():
+        for buffer in info.get("buffers", ()):
+            out.pop(f"{layer}.{buffer}", None)
+        out[f"{layer}.weight"] = {"shape": info["shape"], "dtype": info["dtype"]}
+    return out
+
+
+def check_quantization(base: dict, model: nn.Module, source: str, allow_other_base: bool) -> bool:
+    """Refuse an adapter trained on a base quantized otherwise than this model (a QLoRA adapter on the
+    full-precision base, a 16-bit one on a 4-bit base, other block sizes) unless allow_other_base. Returns
+    whether the two differ (then allowed), so that the architecture is compared without the quantization."""
+    theirs, mine = base.get(QUANT_KEY), quantization_record(model)
+    if _layout(theirs) == _layout(mine):  # the dtype the layers compute in does not change their codes
+        return False
+    if allow_other_base:
+        return True
+    if theirs and not mine:
+        advice = (
+            "Quantize the base as it was first (nf4.quantize_base(model, ...); CLI: --qlora), or pass "
+            f"{ALLOW_OTHER_BASE_HINT} to run it on the full-precision weights, which differ from the 4-bit "
+            "ones it was trained on"
+        )
+        what = "is a QLoRA adapter: it was trained on a 4-bit base"
+    elif mine and not theirs:
+        advice = f"Load it into the unquantized base, or pass {ALLOW_OTHER_BASE_HINT} to run it on the 4-bit weights"
+        what = "was trained on a full-precision base"
+    else:
+        advice = f"Quantize the base the same way, or pass {ALLOW_OTHER_BASE_HINT}"
+        what = "was trained on a base quantized otherwise"
+    raise AdapterMismatchError(
+        f"{source} {what} ({_quantization_summary(theirs)}), and this model is {_quantization_summary(mine)}. {advice}."
+    )
+
+
+def check_architecture(base: dict, model: nn.Module, source: str, allow_other_base: bool = False) -> None:
+    """Refuse an adapter whose base record (BASE_KEYS) describes a model of other weight names or shapes, or
+    one quantized otherwise (check_quantization; with allow_other_base the shapes are compared unquantized)."""
     mine = weights_record(base_state(model))
+    quantized_otherwise = check_quantization(base, model, source, allow_other_base)
     if WEIGHTS_KEY in base:
-        diff = _architecture_difference(base[WEIGHTS_KEY], mine)
+        theirs = base[WEIGHTS_KEY]
+        if quantized_otherwise:
+            theirs = unquantized_view(theirs, base.get(QUANT_KEY))
+            mine = unquantized_view(mine, quantization_record(model))
+        diff = _architecture_difference(theirs, mine)
         if diff:
             config_diff = _config_difference(base.get("base_config"), model)
             raise AdapterMismatchError(
@@ -270,6 +333,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
     object). Refused, with nothing written: non-finite tensors (a diverged fine-tune), and a `path` holding
     anything but a lora_lab adapter (see files.write_bundle).
     """
+    path = check_output_path(path, "save_adapter")  # an empty path is named before any work
     layers = require_lora(model)
     tensors = adapter_tensors(model)
     bad = nonfinite_names(tensors)
@@ -410,8 +474,12 @@ def build_layers(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Module]:
     """{target name: a new layer of the config's variant around the model's own nn.Linear}, not attached to
     the model (which is not touched), in eval mode. Draws no random numbers from the global generators."""
     targets = target_linears(model, config.targets, config.r)
+    modes = {n: lin.training for n, lin in targets.items()}
     with torch.random.fork_rng(devices=rng_devices(model)):
-        return {n: config.layer_class.from_config(lin, config).eval() for n, lin in targets.items()}
+        layers = {n: config.layer_class.from_config(lin, config).eval() for n, lin in targets.items()}
+    for n, lin in targets.items():  # eval() reached the model's own Linear too: its mode is the model's
+        lin.train(modes[n])
+    return layers
 
 
 def fill_layers(layers: dict[str, nn.Module], tensors: dict) -> None:
@@ -475,6 +543,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict, dict]:
             raise KeyError(WEIGHTS_KEY)
         if WEIGHTS_KEY in base:
             _check_weights_record(base[WEIGHTS_KEY])
+        if QUANT_KEY in base:
+            _check_quantization_record(base[QUANT_KEY])
         if not isinstance(base.get(DIGEST_KEY, ""), str):
             raise TypeError(f"{DIGEST_KEY} should be a string")
         scaling = meta["scaling"]
@@ -491,6 +561,17 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict, dict]:
     # What an adapter of lora_lab 0.1 lacks, and so does one whose fields were deleted: the two look the same.
     base["unchecked"] = [key for key in (CHECKSUMS_KEY, DIGEST_KEY) if key not in meta]
     return config, files[WEIGHTS_FILE], base
+
+
+def _check_quantization_record(record) -> None:
+    record = record if isinstance(record, dict) else {}
+    if not (isinstance(record.get("method"), str) and isinstance(record.get("layers"), dict)):
+        raise TypeError(f"{QUANT_KEY} should be {{'method': name, 'layers': {{...}}}}, got {record!r}"[:300])
+    layers = record["layers"]
+    for n, info in layers.items():
+        keys = {"shape": list, "dtype": str, "block_size": int, "double_quant": bool, "buffers": list}
+        if not (isinstance(info, dict) and all(isinstance(info.get(k), t) for k, t in keys.items())):
+            raise ValueError(f"{QUANT_KEY} layer {n!r} should have {sorted(keys)}, got {info!r}"[:300])
 
 
 def _check_weights_record(record) -> None:
@@ -537,7 +618,7 @@ def load_adapter(
     source = f"Adapter {path}"
     config, tensors, base = read_adapter(path)
     check_verified(base, source, allow_other_base, allow_unverified)
-    check_architecture(base, model, source)  # first: an adapter for another model is named as such
+    check_architecture(base, model, source, allow_other_base)  # first: an adapter for another model is named as such
     _check_installable(model, config, tensors, source)
     check_weights(base, model, config, source, allow_other_base)
     return _probe_and_install(model, config, tensors, source)

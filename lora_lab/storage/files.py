@@ -10,10 +10,19 @@ The rule every writer follows: lora_lab replaces only what it recognisably wrote
 - A single file (`write_file_atomic`) is created anywhere, but replaced only inside a claimed output
   folder or when the caller says overwrite=True.
 
-A bundle is written into a temporary sibling folder and swapped into place atomically (renameat2 with
-RENAME_EXCHANGE on Linux), so a reader never sees a missing or half bundle, and an interrupted write
-leaves the old bundle or the new one, whole. The config records a sha256 of each tensor file, which
+A bundle is written into a hidden temporary sibling folder, then swapped into place. On Linux that is
+one atomic step (renameat2 with RENAME_EXCHANGE). Where renameat2 is missing (macOS, some network
+filesystems) it is two renames: the old bundle moves aside to a hidden sibling, then the new one moves
+in. A writer killed between the two leaves no bundle at the path, only the moved-aside copy next to the
+writer's temp folder; `read_bundle` then reads that copy (whole, checksums verified), and the next writer
+moves it back before anything else. So on every platform a reader finds the old or the new bundle, and
+an interrupted write leaves one of them whole. The config records a sha256 of each tensor file, which
 `read_bundle` verifies.
+
+Hidden names: ".<target>.lora_lab-tmp-<pid>-<random>" (and "-old-" for a moved-aside bundle); a target
+name too long for that (over 221 bytes: file names may have 255) is cut and followed by a hash of the
+whole name, ".<cut name>.lora_lab~<hash>-tmp-<pid>-<random>". Only names of that form, of the same
+target and of a writer that is no longer running, are ever removed.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from safetensors.torch import save as save_safetensors
 
 OUTPUT_MARKER = ".lora_lab_output.json"  # marks a folder that lora_lab's multi-file outputs may write into
 CHECKSUMS_KEY = "checksums"
-_TEMP_PATTERN = r"\.{name}\.lora_lab-(?:tmp|old)-(\d+)-[0-9a-f]+"  # .<target>.lora_lab-tmp-<pid>-<random>
+_NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+_HIDDEN_TAIL_MAX = 34  # bytes a hidden name adds to the target's: "." + ".lora_lab-" + "tmp-<pid>-<8 hex>"
 _READ_ATTEMPTS = 5  # a reader racing a writer's swap may see old config + new tensors: read again
 
 
@@ -77,8 +87,8 @@ def _refuse(path: Path, why: str) -> OutputExistsError:
 
 def _read_format(config_path: Path, format_key: str):
     try:
-        return json.loads(config_path.read_text()).get(format_key)
-    except (OSError, ValueError, AttributeError):
+        return read_json(config_path).get(format_key)  # bounded: a 10 GB "config" in the way is not read
+    except (OSError, ValueError):
         return None
 
 
@@ -124,7 +134,7 @@ def claim_output_dir(path: str | os.PathLike, format_tag: str) -> Path:
     Anything else (a file, a link, a folder of the user's files such as `.` or `~`, another kind of
     output) is refused with OutputExistsError and left untouched.
     """
-    path = Path(path)
+    path = _given_path(path, "claim_output_dir")  # "." is fine (an empty working directory); "" is a mistake
     marker = path / OUTPUT_MARKER
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise _refuse(path, "not a folder that lora_lab wrote")
@@ -152,10 +162,31 @@ def is_claimed_output_dir(path: str | os.PathLike) -> bool:
 # Single files
 
 
+def _given_path(path, what: str) -> Path:
+    """`path` as a Path, refusing an empty one: Path("") is the working directory, which the caller never meant."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what}: the path must be a str or os.PathLike, got {type(path).__name__}.")
+    if os.fspath(path) == "":
+        raise ValueError(f"{what}: the path is empty (''); name the folder or file to write, e.g. 'runs/adapter'.")
+    return Path(path)
+
+
+def check_output_path(path, what: str) -> Path:
+    """`path` as a Path, or ValueError naming it when no folder can be written there: an empty path, or one
+    ending in '.', '..' or '/' (the bundle needs a name of its own). Writers call it before any work."""
+    path = _given_path(path, what)
+    if path.name in ("", ".", ".."):
+        raise ValueError(
+            f"{what}: {os.fspath(path)!r} names no folder of its own (it ends in '.', '..' or is a root); "
+            "name the folder to write, e.g. 'runs/adapter'."
+        )
+    return path
+
+
 def _write_new_file(path: Path, data: bytes) -> None:
     """Write through a temporary sibling and an atomic rename (readers see the old or the new file)."""
     _remove_stale_temps(path)
-    tmp = path.parent / f".{path.name}.lora_lab-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.parent / _hidden_name(path.name, "tmp", os.getpid(), secrets.token_hex(4))
     try:
         with open(tmp, "xb") as f:
             f.write(data)
@@ -170,7 +201,7 @@ def _write_new_file(path: Path, data: bytes) -> None:
 def write_file_atomic(path: str | os.PathLike, content: bytes | str, *, overwrite: bool = False) -> Path:
     """Write one file atomically. An existing file is replaced only inside a folder claimed with
     claim_output_dir, or with overwrite=True; anything else at `path` is refused (OutputExistsError)."""
-    path = Path(path)
+    path = check_output_path(path, "write_file_atomic")
     data = content.encode() if isinstance(content, str) else content
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise _refuse(path, "not a file lora_lab may replace")
@@ -213,21 +244,70 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _hidden_prefix(name: str) -> str:
+    """The start of every hidden name of target `name` (see the module docstring): the name itself when the
+    result fits in a file name, else a cut of it and a hash of the whole, so that two long names that differ
+    only after the cut still get different prefixes. Neither form can be mistaken for the other: after a "~"
+    come hex digits, never "-tmp"/"-old"."""
+    if len(os.fsencode(name)) <= _NAME_MAX - _HIDDEN_TAIL_MAX:
+        return f".{name}.lora_lab-"
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    room = _NAME_MAX - _HIDDEN_TAIL_MAX - len("~") - len(digest)
+    cut = name
+    while len(os.fsencode(cut)) > room:  # whole characters only (a surrogate escape is one byte)
+        cut = cut[: -max(1, (len(os.fsencode(cut)) - room) // 4)]
+    return f".{cut}.lora_lab~{digest}-"
+
+
+def _hidden_name(name: str, kind: str, pid: int, token: str) -> str:
+    return f"{_hidden_prefix(name)}{kind}-{pid}-{token}"
+
+
+def _hidden_entries(target: Path) -> list[tuple[str, str, int, str]]:
+    """(entry name, "tmp" | "old", writer pid, random token) of each hidden sibling of `target`."""
+    pattern = re.compile(re.escape(_hidden_prefix(target.name)) + r"(tmp|old)-(\d+)-([0-9a-f]+)")
+    try:
+        names = os.listdir(target.parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match:
+            found.append((name, match.group(1), int(match.group(2)), match.group(3)))
+    return found
+
+
+def _moved_aside(target: Path, entries=None) -> Path | None:
+    """The old bundle a fallback swap moved aside and has not yet replaced by the new one: a "-old-" folder
+    whose writer's "-tmp-" folder (same pid and token) is still there, while nothing is at `target`. This is
+    the only copy of the bundle then (the writer is between its two renames, or was killed there). An "-old-"
+    folder without its temp folder is a finished swap's leftover: never read, never put back."""
+    if os.path.lexists(target):
+        return None
+    entries = _hidden_entries(target) if entries is None else entries
+    temps = {(pid, token) for _, kind, pid, token in entries if kind == "tmp"}
+    for name, kind, pid, token in entries:
+        if kind == "old" and (pid, token) in temps:
+            return target.parent / name
+    return None
+
+
 def _remove_stale_temps(target: Path) -> None:
-    """Remove temp files/folders of this target left by writers that died (only names of our own pattern)."""
-    pattern = re.compile(_TEMP_PATTERN.format(name=re.escape(target.name)))
-    for entry in os.scandir(target.parent):
-        match = pattern.fullmatch(entry.name)
-        if not match or _pid_alive(int(match.group(1))):
+    """Clean up after writers of this target that died (only hidden names of this target, see _hidden_prefix):
+    first put back a bundle one moved aside and never replaced, then remove their temp files and folders."""
+    entries = [e for e in _hidden_entries(target) if not _pid_alive(e[2])]
+    aside = _moved_aside(target, entries)
+    if aside is not None:
+        os.rename(aside, target)  # killed between the two renames of the fallback swap: the old bundle is back
+    for name, *_ in entries:
+        path = target.parent / name
+        if path == aside:
             continue
-        if entry.is_dir(follow_symlinks=False):
-            if "-old-" in entry.name and not os.path.lexists(target):
-                # Killed between the two renames of the fallback swap: this is the only copy of the bundle.
-                os.rename(entry.path, target)
-            else:
-                shutil.rmtree(entry.path, ignore_errors=True)
-        elif entry.is_file(follow_symlinks=False):
-            os.unlink(entry.path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -279,7 +359,7 @@ def write_bundle(
     every tensor file. May replace: nothing, an empty folder, or a bundle of the same kind (see
     check_bundle_target); otherwise OutputExistsError and nothing is touched.
     """
-    directory = Path(directory)
+    directory = check_output_path(directory, "write_bundle")
     names = list(files)
     if files.get(config_file, {}).get(format_key) != format_tag:
         raise ValueError(f"Bundle config {config_file!r} must have {format_key!r}: {format_tag!r}.")
@@ -309,7 +389,8 @@ def write_bundle(
     )
 
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.lora_lab-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    token = secrets.token_hex(4)
+    tmp = directory.parent / _hidden_name(directory.name, "tmp", os.getpid(), token)
     try:
         tmp.mkdir()
         for name, data in blobs.items():
@@ -323,8 +404,9 @@ def write_bundle(
             if not directory.exists() or not os.listdir(directory):
                 os.rename(tmp, directory)  # rename onto a missing or empty folder is atomic
             elif not _exchange(tmp, directory):
-                # No atomic exchange here: move the old bundle aside, then the new one in (readers retry).
-                old = tmp.with_name(tmp.name.replace("-tmp-", "-old-"))
+                # No atomic exchange here: move the old bundle aside, then the new one in. In between, readers
+                # read the moved-aside copy (see _moved_aside), and a kill there is undone by the next writer.
+                old = directory.parent / _hidden_name(directory.name, "old", os.getpid(), token)
                 os.rename(directory, old)
                 try:
                     os.rename(tmp, directory)
@@ -424,6 +506,10 @@ def _read_file(name: str | os.PathLike, shown: Path, kind: str, dir_fd: int | No
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)  # O_NONBLOCK: opening a FIFO must not wait
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"Missing file: {shown}") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise CorruptFileError(f"{shown} is a symbolic link that loops; lora_lab reads only files.") from None
+        raise OSError(err.errno, err.strerror, str(shown)) from None  # named by its whole path, not the bare name
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -461,7 +547,7 @@ def _read_once(directory: Path, config_file: str, tensor_files) -> tuple[dict, d
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except (FileNotFoundError, NotADirectoryError):
-        raise FileNotFoundError(f"No such folder: {directory} (a folder holding {config_file} was expected).") from None
+        raise _NoFolder(f"No such folder: {directory} (a folder holding {config_file} was expected).") from None
     try:
 
         def read(name: str) -> bytes:
@@ -469,7 +555,7 @@ def _read_once(directory: Path, config_file: str, tensor_files) -> tuple[dict, d
 
         config = _parse_json(directory / config_file, read(config_file))
         recorded = config.get(CHECKSUMS_KEY)  # absent in bundles written before checksums existed
-        if recorded is not None and not isinstance(recorded, dict):
+        if CHECKSUMS_KEY in config and not isinstance(recorded, dict):  # null too: it would switch them off
             raise CorruptFileError(f"{directory / config_file}: 'checksums' should be a JSON object.")
         tensors = {}
         for name in tensor_files:
@@ -485,18 +571,45 @@ def _read_once(directory: Path, config_file: str, tensor_files) -> tuple[dict, d
         os.close(fd)
 
 
+class _NoFolder(FileNotFoundError):
+    """Nothing (or no folder) at a bundle's path."""
+
+
 def read_bundle(directory: str | os.PathLike, *, config_file: str, tensor_files) -> tuple[dict, dict[str, dict]]:
     """Read a bundle: (config dict, {tensor file name: {tensor name: tensor}}), checksums verified.
 
     Raises FileNotFoundError for a missing folder or file and CorruptFileError (naming the file) for a
-    damaged one. A read that races a writer's swap is retried a few times before it counts as damaged.
+    damaged one. A read that races a writer's swap is retried a few times before it counts as damaged. When
+    nothing is at `directory` because a fallback swap is between its two renames (or its writer was killed
+    there), the moved-aside old bundle is read instead: it is the bundle at that path until the new one is in.
     """
     directory = Path(directory)
     for attempt in range(_READ_ATTEMPTS):
         try:
-            return _read_once(directory, config_file, tensor_files)
+            try:
+                return _read_once(directory, config_file, tensor_files)
+            except _NoFolder:
+                aside = _moved_aside(directory)
+                if aside is None:
+                    raise
+                return _read_once(aside, config_file, tensor_files)
         except (CorruptFileError, FileNotFoundError):
             if attempt == _READ_ATTEMPTS - 1:
                 raise
             time.sleep(0.01 * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def bundle_exists(directory: str | os.PathLike, config_file: str | None = None) -> bool:
+    """Whether a bundle folder (holding `config_file`, when given) is at `directory`, counting one a fallback
+    swap has moved aside for a moment (see read_bundle): what a reader checks before it reads, not is_dir()."""
+    directory = Path(directory)
+
+    def holds(folder: Path) -> bool:
+        return folder.is_dir() and (config_file is None or (folder / config_file).is_file())
+
+    if holds(directory):
+        return True
+    aside = _moved_aside(directory)
+    # Looked at again last: a swap that completes while the siblings are listed has put the new bundle in.
+    return (aside is not None and holds(aside)) or holds(directory)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..lora import VARIANTS, LoRAConfig, LoRAError, require_lora
 from ..targets import tied_parameters, trainable_parameters
 from .adapters import install_adapter
-from .files import CorruptFileError, nonfinite_names, read_json, read_tensors, write_bundle
+from .files import CorruptFileError, check_output_path, nonfinite_names, read_json, read_tensors, write_bundle
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -74,6 +74,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     `path` may be missing, an empty folder or a PEFT LoRA adapter folder holding only these two files;
     anything else is refused (files.OutputExistsError) and left untouched. Non-finite tensors are refused.
     """
+    path = check_output_path(path, "export_peft")  # an empty path is named as export_peft's, before any work
     layers = require_lora(model)
     config = model.lora_config
     flags = config.layer_class.peft_flags
@@ -133,6 +134,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Like load_adapter: a plain model gets LoRA applied first, an adapted one gets its tensors replaced;
     on any error the model is unchanged.
     """
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path) == "":  # Path("") would read the working directory
+        raise ValueError("import_peft: the path is empty (''); name the PEFT adapter folder to read.")
     path = Path(path)
     if not (path / PEFT_WEIGHTS).is_file() and (path / "adapter_model.bin").is_file():
         raise CorruptFileError(
