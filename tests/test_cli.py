@@ -501,3 +501,26 @@ def test_a_users_variant_trains_saves_and_loads_through_the_cli(base_args, tmp_p
     assert code == 2 and "half_lora" in err and err.count("\n") == 1 and "Traceback" not in err
     code, _, err = cli("finetune", *base_args, *FAST, "--variant", spec, "--factor", "x", "--out", tmp_path / "b")
     assert code == 2 and "--factor" in err and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["finetune", "--batch-size", "1000000000"], "--batch-size"),
+        (["finetune", "--batch-size", "5000"], "--batch-size"),  # 5,000 x the tiny preset's 64 tokens: too many
+        (["finetune", "--threads", "100000"], "--threads"),
+        (["finetune", "--alpha", "1e308"], "--alpha"),
+        (["finetune", "--lr", "1e39"], "--lr"),
+        (["finetune", "--steps", "10000000"], "--steps"),
+        (["finetune", "--pretrain-iters", "3000"], "--pretrain-iters"),
+        (["sample", "--temperature", "1e-9"], "--temperature"),
+        (["sample", "--chars", "10000000"], "--chars"),
+    ],
+)
+def test_values_that_would_hang_overflow_or_exhaust_memory_are_refused_before_any_work(
+    capsys, tmp_path, monkeypatch, argv, option
+):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *argv, "--cache", tmp_path / "cache")
+    assert code == 2 and out == "" and err.count("\n") == 1 and option in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing pretrained, cached or written

@@ -134,7 +134,7 @@ def test_cuda_bf16_training_runs_and_learns(tiny_config):
         ({"min_lr": float("inf")}, r"min_lr must be a finite number >= 0"),
         ({"warmup_iters": 1.5}, r"warmup_iters must be an integer >= 0, got 1.5"),
         ({"lr_decay_iters": 0}, r"lr_decay_iters must be a positive integer or None, got 0"),
-        ({"seed": "7"}, r"seed must be an integer, got '7'"),
+        ({"seed": "7"}, r"seed must be an integer from 0 to 2\*\*63 - 1, got '7'"),
         ({"bf16": "yes"}, r"bf16 must be True or False"),
         ({"keep_best": 1}, r"keep_best must be True or False"),
         ({"activation_checkpointing": None}, r"activation_checkpointing must be True or False"),
