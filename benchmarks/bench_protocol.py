@@ -5,10 +5,11 @@
     python benchmarks/bench_protocol.py --tasks ''                 # only the studies, at LORA_LEARNING_RATE
 
 For each task: base, LoRA (r=8, alpha=16, q,k,v,o) and full fine-tuning, each with its learning-rate grid
-swept on seed 0 and the chosen rate run on seeds 0, 1, 2 (see lora_lab/experiments/protocol.py). Then, on rot13:
+swept on seed 0 and the chosen rate run on the paired seeds 0-4, with verdicts (95% t intervals, Holm) on the
+per-seed differences (see lora_lab/experiments/protocol.py). Then, on rot13:
 ‖ΔW‖_F vs r with alpha fixed at 16 (scale alpha/r) and with alpha = 2r, and attention-only vs MLP-only
 LoRA at an equal parameter budget. Every run is cached under the model cache, so a rerun prints at once.
-The wall time of each block is printed (CPU, 1 thread).
+The wall time of each block is printed (CPU, 1 thread per run, --workers runs side by side).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from lora_lab import pretrained_base, tasks
 from lora_lab.experiments import defaults, estimator, reports, studies
+from lora_lab.experiments.parallel import default_workers
 
 
 def timed(title: str, fn):
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="rot13,shout", help="tasks for lora_vs_full(sweep=True); '' for none")
     parser.add_argument("--steps", type=int, default=defaults.STEPS)
     parser.add_argument("--skip-studies", action="store_true")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="runs trained side by side")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = pretrained_base("tiny", device="cpu", progress=False)
@@ -55,7 +58,9 @@ def main() -> None:
         task = tasks.make_task(name, base.texts)
         comp = timed(
             f"studies.lora_vs_full(sweep=True) on {name}",
-            lambda: studies.lora_vs_full(base.model, task, tok, sweep=True, steps=args.steps, log=print),
+            lambda: studies.lora_vs_full(
+                base.model, task, tok, sweep=True, steps=args.steps, log=print, workers=args.workers
+            ),
         )
         print("\n" + comp.to_text())
         print(f"LoRA's chosen lr / full FT's: {studies.lr_ratio(comp, lora_label):g}")
@@ -69,7 +74,14 @@ def main() -> None:
         comp = timed(
             f"studies.norm_by_rank, {rule}",
             lambda: studies.norm_by_rank(
-                base.model, task, tok, alpha=alpha, learning_rate=rot13_lora_lr, steps=args.steps, log=print
+                base.model,
+                task,
+                tok,
+                alpha=alpha,
+                learning_rate=rot13_lora_lr,
+                steps=args.steps,
+                log=print,
+                workers=args.workers,
             ),
         )
         print(f"\n‖ΔW‖_F vs r, {rule}, lr {rot13_lora_lr:g} (mean over the 16 adapted matrices; mean ± std over seeds)")
@@ -79,7 +91,7 @@ def main() -> None:
     comp = timed(
         "studies.attention_vs_mlp",
         lambda: studies.attention_vs_mlp(
-            base.model, task, tok, learning_rate=rot13_lora_lr, steps=args.steps, log=print
+            base.model, task, tok, learning_rate=rot13_lora_lr, steps=args.steps, log=print, workers=args.workers
         ),
     )
     print("\n" + comp.to_text())

@@ -15,7 +15,7 @@ from .data import CharDataset, CharTokenizer, DataUnavailableError, get_batch, l
 from .devices import pick_device
 from .experiments import (
     finetune,  # finetune.finetune: the one fine-tune pipeline (rank sweeps and studies: experiments.studies)
-    protocol,  # the fair comparison: protocol.compare, seeds, grids, the noise rule
+    protocol,  # the fair comparison: protocol.compare, seeds, grids, the paired-seed verdicts
 )
 from .experiments.pretrained import PRESETS, Pretrained, pretrained_base
 from .lora import (

@@ -37,6 +37,7 @@ from .data import CharTokenizer, DataUnavailableError
 from .devices import pick_device
 from .distributed import is_main_process, say
 from .experiments.defaults import (
+    ALPHA,
     DEFAULT_RANK,
     DEFAULT_TARGETS,
     DEFAULT_TASK,
@@ -49,7 +50,10 @@ from .experiments.defaults import (
 )
 from .experiments.finetune import DivergedError, check_lora_config, finetune, method_label
 from .experiments.leaderboard import (
+    ALPHA_FACTORS,
+    LORA_PLUS,
     MAX_EXTENSIONS,
+    RATIO_GRID,
     REPORT_SEEDS,
     SELECTION_SEED,
     check_leaderboard_output,
@@ -59,6 +63,14 @@ from .experiments.leaderboard import (
     write_leaderboard,
 )
 from .experiments.paper_lab import check_paper_lab_output, run_paper_lab, write_paper_lab
+from .experiments.parallel import default_workers
+from .experiments.placement_lab import (
+    FULL_PLAN,
+    LabPlan,
+    check_placement_lab_output,
+    run_placement_lab,
+    write_placement_lab,
+)
 from .experiments.pretrained import (
     PRESETS,
     Pretrained,
@@ -94,6 +106,8 @@ MAX_TOKENS_PER_STEP = 2**18  # --batch-size x the preset's block size: 16 times 
 MAX_ALPHA = 1e6  # LoRA alpha: past this the scale alpha / r overflows float32 on ordinary activations
 TEMPERATURES = (1e-6, 1e6)  # below: greedy already (and logits / T overflow near 1e-38); above: uniform already
 MAX_REPORT_SEEDS = 1_000  # --seeds: one fine-tune per seed and method
+MAX_BUDGET = 2**31  # --budget: trainable numbers; far above any preset's whole model
+MAX_TOP_K = 10**6  # --top-k: any k from the vocabulary's size up already means all characters
 MAX_GRID_EXTENSIONS = 32  # --max-extensions: each doubles or halves a rate, 2**32 keeps it well inside float32
 FLOAT32_MAX, FLOAT32_TINY = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
 MAX_THREADS = os.cpu_count() or 1  # more torch threads than CPUs only slow it down
@@ -113,29 +127,29 @@ class _Parser(argparse.ArgumentParser):
 # Argument types: each fails with a message that names the problem.
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _int_in(low: int, high: int):
-    """An argument type: an integer from `low` to `high` (the message states the range)."""
+def _int_in(low: int, high: int | None = None):
+    """An argument type: an integer from `low` to `high` (None: no upper bound); the message states the range."""
+    wanted = (
+        f"an integer from {low:,} to {high:,}"
+        if high is not None
+        else "a positive integer"
+        if low == 1
+        else f"an integer from {low:,} up"
+    )
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be an integer from {low:,} to {high:,}, got {text!r}")
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
         return value
 
     return parse
+
+
+_positive_int = _int_in(1)  # a rank or a step count: the layers or the preset bound it, and say so themselves
 
 
 def _float_in(low: float, high: float):
@@ -209,7 +223,7 @@ def _method_list(text: str) -> tuple[str, ...]:
     if not methods:
         raise argparse.ArgumentTypeError(f"needs at least one method, got {text!r}")
     for spec in methods:
-        if spec != "full":
+        if spec not in ("full", LORA_PLUS):
             try:
                 resolve_variant(spec)
             except LoRAError as err:
@@ -223,6 +237,21 @@ def _grid(text: str) -> tuple[str, tuple[float, ...]]:
     if not sep or not method.strip() or not rates.strip():
         raise argparse.ArgumentTypeError(f"expected METHOD=R1,R2,... (e.g. vera=0.01,0.02), got {text!r}")
     return method.strip(), tuple(_learning_rate(r.strip()) for r in rates.split(","))
+
+
+def _number_list(item):
+    """An argument type: comma-separated numbers, each parsed (and range-checked) by `item`."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+        values = tuple(item(part) for part in parts)
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"lists a value twice: {text!r}")
+        return values
+
+    return parse
 
 
 def _rank_list(text: str) -> list[int]:
@@ -426,6 +455,24 @@ def _tensorboard_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _lab_options(p: argparse.ArgumentParser, what: str, folder: str, eval_chars: int) -> None:
+    """The options the paper labs share: the task, the characters scored, the output folder."""
+    p.add_argument("--task", choices=sorted(tasks.TASKS), default="echo", help="the task (default: echo)")
+    p.add_argument(
+        "--eval-chars",
+        type=_eval_chars,
+        default=eval_chars,
+        help=f"characters scored per text, 1 to {MAX_EVAL_CHARS:,} (default: {eval_chars})",
+    )
+    p.add_argument(
+        "--out",
+        type=_out_path,
+        default=_out_path(folder),
+        metavar="DIR",
+        help=f"folder for the CSV tables and PNG figures: new, empty, or an earlier {what}'s (default: {folder})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -472,9 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--top-k",
-        type=_positive_int,
-        help="sample only among the k likeliest characters; any k from the vocabulary's size up means all "
-        "(default: all)",
+        type=_int_in(1, MAX_TOP_K),
+        help="sample only among the k likeliest characters; any k from the vocabulary's size up means all, "
+        f"1 to {MAX_TOP_K:,} (default: all)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="sampling seed, 0 to 2**63 - 1 (default: 0)")
     source = p.add_mutually_exclusive_group()
@@ -531,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="base vs LoRA vs full fine-tuning (the protocol), or a leaderboard of any methods (--methods)",
         description="The fair comparison (lora_lab.protocol): base, LoRA (alpha = 16) and full "
         "fine-tuning, each at its chosen learning rate (or --sweep: each method's "
-        "grid), 3 seeds, mean ± std and a noise line. Runs are cached. "
+        "grid), 5 paired seeds, mean ± std and the paired-seed verdicts (95% t intervals, Holm). Runs are cached. "
         "With --methods (lora,dora,vera,full,mypkg.lora_xs:LoRAXS) it runs the leaderboard instead "
         "(lora_lab.experiments.leaderboard): every method at a matched --budget of trainable numbers (or an equal "
         "--rank), its learning rate chosen on the validation text by a grid that extends at its edges, 5 paired "
@@ -566,13 +613,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M1,M2,...",
         help="the methods to rank, the first one the reference of every verdict: full, a built-in variant "
         f"({', '.join(sorted(VARIANTS))}), a name published in the entry-point group lora_lab.variants, or an "
-        "import path such as mypkg.lora_xs:LoRAXS",
+        "import path such as mypkg.lora_xs:LoRAXS; lora+ is LoRA trained with LoRA+, its ratio chosen on "
+        "validation (--ratio-grid)",
     )
     g.add_argument(
         "--budget",
-        type=_positive_int,
+        type=_int_in(1, MAX_BUDGET),
         metavar="N",
-        help="matched budget: each variant at the largest rank whose trainable count does not exceed N "
+        help="matched budget: each variant at the largest rank whose trainable count does not exceed N, 1 to 2**31 "
         "(full fine-tuning trains every weight whatever N)",
     )
     g.add_argument(
@@ -596,6 +644,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="a learning-rate grid of one method, e.g. vera=0.01,0.02 (repeatable; default: "
         f"{','.join(f'{r:g}' for r in LORA_LEARNING_RATES)} for variants, "
         f"{','.join(f'{r:g}' for r in FULL_LEARNING_RATES)} for full)",
+    )
+    g.add_argument(
+        "--alpha-grid",
+        type=_number_list(_float_in(FLOAT32_TINY, MAX_ALPHA)),
+        metavar="A1,A2,...",
+        help="the alphas LoRA's alpha is chosen from (with each one's learning rate) on validation, each up to "
+        f"{MAX_ALPHA:g}; {ALPHA:g} and {ALPHA:g}*sqrt(r) (rsLoRA's scale) are always added. LoRA's alpha is tuned "
+        f"whenever rslora or {LORA_PLUS} is among --methods, or with this option (default: "
+        f"{','.join(f'{f * ALPHA:g}' for f in ALPHA_FACTORS)} plus {ALPHA:g}*sqrt(r))",
+    )
+    g.add_argument(
+        "--ratio-grid",
+        type=_number_list(_float_in(FLOAT32_TINY, FLOAT32_MAX)),
+        metavar="R1,R2,...",
+        help=f"the LoRA+ ratios (B's learning rate / A's) {LORA_PLUS} chooses from on validation "
+        f"(default: {','.join(f'{r:g}' for r in RATIO_GRID)})",
     )
     g.add_argument(
         "--max-extensions",
@@ -694,28 +758,40 @@ def build_parser() -> argparse.ArgumentParser:
         "rsLoRA) and rerun the LoRA paper's section 7 analyses on the updates: CSV tables, PNG figures and "
         "the findings, each reproduced / partly / not reproduced with the reason.",
     )
-    p.add_argument("--task", choices=sorted(tasks.TASKS), default="echo", help="the task (default: echo)")
     p.add_argument(
         "--steps", type=_steps, default=120, help=f"fine-tuning steps per run, 1 to {MAX_STEPS:,} (default: 120)"
     )
     p.add_argument(
         "--high-rank", type=_positive_int, default=64, help="the high rank compared with r = 8 (default: 64)"
     )
-    p.add_argument(
-        "--eval-chars",
-        type=_eval_chars,
-        default=4_096,
-        help=f"characters scored per text, 1 to {MAX_EVAL_CHARS:,} (default: 4096)",
-    )
-    p.add_argument(
-        "--out",
-        type=_out_path,
-        default=_out_path("runs/paper_lab"),
-        metavar="DIR",
-        help="folder for the CSV tables and PNG figures: new, empty, or an earlier paper lab's "
-        "(default: runs/paper_lab)",
-    )
+    _lab_options(p, "paper lab", "runs/paper_lab", eval_chars=4_096)
     p.set_defaults(run=cmd_paper_lab)
+
+    p = sub.add_parser(
+        "placement-lab",
+        parents=[common],
+        help="chapter 11: rank, placement at a fixed budget, learning rates, capacity, learning vs forgetting",
+        description="Rerun the LoRA paper's Tables 5 and 6 and their successors' findings (MLP vs attention, depth, "
+        "LoRA's learning rate vs full fine-tuning's, alpha / r vs alpha / sqrt r, capacity vs data, learning vs "
+        "forgetting) with tuned rates, paired seeds and a test split: CSV tables, PNG figures and the findings, each "
+        "reproduced / partly / not reproduced by its stated rule.",
+    )
+    p.add_argument(
+        "--plan",
+        choices=("quick", "full"),
+        default="quick",
+        help="quick: chapter 11's default subset (Wq,Wv at ranks 1-64; Table 5's Wq and all four, the MLP, depth); "
+        "full: every target set and rank of the paper's tables (default: quick)",
+    )
+    p.add_argument("--steps", type=_steps, default=None, help="fine-tuning steps per run (default: the plan's)")
+    p.add_argument(
+        "--workers",
+        type=_int_in(1, default_workers()),
+        default=default_workers(),
+        help=f"runs trained side by side, one core each (default: {default_workers()}, this machine's cores)",
+    )
+    _lab_options(p, "placement lab", "runs/placement_lab", eval_chars=1_024)
+    p.set_defaults(run=cmd_placement_lab)
 
     course = sub.add_parser(
         "course",
@@ -1045,7 +1121,10 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-LEADERBOARD_ONLY = ("--budget", "--seeds", "--selection-seed", "--grid", "--max-extensions", "--reference")
+LEADERBOARD_ONLY = (
+    "--budget", "--seeds", "--selection-seed", "--grid", "--alpha-grid", "--ratio-grid", "--max-extensions",
+    "--reference",
+)  # fmt: skip
 
 
 def cmd_compare(args) -> int:
@@ -1093,7 +1172,15 @@ def cmd_leaderboard(args) -> int:
         check_seeds(seeds, selection_seed)
         with torch.device("meta"):  # the preset's shapes only: methods, ranks and grids fail now, not after pretraining
             shape_only = GPT(PRESETS[args.preset][0])
-        contestants(shape_only, args.methods, budget=args.budget, rank=args.rank, learning_rates=grids)
+        contestants(
+            shape_only,
+            args.methods,
+            budget=args.budget,
+            rank=args.rank,
+            learning_rates=grids,
+            alpha_grid=args.alpha_grid,
+            ratio_grid=args.ratio_grid,
+        )
     except ValueError as err:  # LoRAError and TooFewSeedsError are ValueErrors too
         raise _usage(str(err)) from None
     log_dir = _checked_tensorboard(args)
@@ -1111,6 +1198,8 @@ def cmd_leaderboard(args) -> int:
             seeds=seeds,
             selection_seed=selection_seed,
             learning_rates=grids,
+            alpha_grid=args.alpha_grid,
+            ratio_grid=args.ratio_grid,
             max_extensions=MAX_EXTENSIONS if args.max_extensions is None else args.max_extensions,
             steps=args.steps,
             eval_chars=args.eval_chars,
@@ -1185,6 +1274,23 @@ def cmd_paper_lab(args) -> int:
                             str(pick_device(args.device)), progress=not args.quiet)  # fmt: skip
         written = write_paper_lab(lab.tables, lab.figures, out)
     _say(format_table(lab.findings, ["finding", "verdict", "why"]))
+    _say(f"wrote {len(written)} files to {out}")
+    return 0
+
+
+def cmd_placement_lab(args) -> int:
+    plan = {"quick": LabPlan(), "full": FULL_PLAN}[args.plan]
+    plan = plan.scaled(args.steps) if args.steps else plan
+    with _claimed(args.out, check_placement_lab_output) as out:
+        base = _load_base(args)
+        _say(_describe_base(base))
+        task = tasks.make_task(args.task, base.texts)
+        device = str(pick_device(args.device))
+        lab = run_placement_lab(base.model, task, base.dataset.tokenizer, plan, eval_chars=args.eval_chars,
+                                cache=args.cache, workers=args.workers, device=device,
+                                log=None if args.quiet else _say)  # fmt: skip
+        written = write_placement_lab(lab.tables, lab.figures, out)
+    _say(format_table(lab.findings, ["finding", "ours", "verdict"]))
     _say(f"wrote {len(written)} files to {out}")
     return 0
 

@@ -34,10 +34,12 @@ VARIANTS = [("variants.*",), ("variants.contract",), ("variants",)]  # every bui
 EXPERIMENTS = [
     ("experiments.analysis",), ("experiments.pretrained",), ("experiments.defaults",), ("experiments.estimator",),
     ("experiments.reports",),
-    ("experiments.finetune",), ("experiments.runs",), ("experiments.stats",), ("experiments.protocol",),
+    ("experiments.finetune",), ("experiments.runs",), ("experiments.parallel",), ("experiments.stats",),
+    ("experiments.protocol",),
     ("experiments.studies",),
     ("experiments.costs", "experiments.scaling", "experiments.memory"), ("experiments.crossover",),
-    ("experiments.leaderboard",), ("experiments.paper_lab",), ("experiments",),
+    ("experiments.leaderboard",), ("experiments.paper_lab", "experiments.placement_lab"),
+    ("experiments",),
 ]  # fmt: skip
 COURSE = [
     ("course.numerics",), ("course.adapter_layers",), ("course.widgets",), ("course.exercises", "course.tour"),

@@ -16,12 +16,16 @@ from tiny_models import tiny_gpt
 from lora_lab import apply_lora
 from lora_lab.experiments import estimator
 from lora_lab.experiments.leaderboard import (
+    ALPHA_FACTORS,
     LEADERBOARD_FORMAT,
+    RATIO_GRID,
+    check_leaderboard_output,
     contestants,
     leaderboard,
     rank_for_budget,
     report_view,
     select_learning_rate,
+    select_setting,
     selection_view,
     target_shapes,
     write_leaderboard,
@@ -190,20 +194,156 @@ def test_selection_never_reads_the_test_split(setup, monkeypatch):
         return real(model, tokens, eval_chars, device)
 
     monkeypatch.setattr(estimator, "split_scores", watched)
-    args = dict(methods=["lora", "full"], rank=2, seeds=SEEDS, cache=False, **QUICK)
-    grids = {"lora": (4e-3, 8e-3), "full": (1e-3, 2e-3)}
+    # LoRA's alpha and LoRA+'s ratio are chosen on validation too: rslora and lora+ switch both searches on
+    args = dict(methods=["lora", "rslora", "lora+", "full"], rank=2, seeds=SEEDS, cache=False, **QUICK)
+    args |= dict(alpha_grid=(16.0,), ratio_grid=(2.0, 8.0))
+    grids = {"lora": (4e-3, 8e-3), "rslora": (4e-3, 8e-3), "lora+": (4e-3, 8e-3), "full": (1e-3, 2e-3)}
     board = leaderboard(base, dirty, tokenizer, learning_rates=grids, **args)
     first_test = seen.index("test")
     assert "test" not in seen[:first_test] and "other" not in seen[first_test:]  # every choice made before
-    assert seen.count("other") >= 2 * 2 * 2  # >= 2 rates x 2 methods, each scored on target and source
+    # >= 2 rates x (2 alphas + 1 + 2 ratios + 1), each scored on target and source
+    assert seen.count("other") >= 2 * 6 * 2
+    assert [len(s.knob.sweeps) for s in board.standings if s.knob] == [2, 2]
     monkeypatch.setattr(estimator, "split_scores", real)
     again = leaderboard(base, clean, tokenizer, learning_rates=grids, **args)
-    # the test text changed everything reported and nothing chosen
-    assert [s.selection for s in again.standings] == [s.selection for s in board.standings]
+    # the test text changed everything reported and nothing chosen: rates, alphas and ratios alike
+    assert [(s.selection, s.knob) for s in again.standings] == [(s.selection, s.knob) for s in board.standings]
     assert [s.values() for s in again.standings] != [s.values() for s in board.standings]
     # romeo_juliet has no test text: refused before anything is trained
     with pytest.raises(ValueError, match="has no test text"):
         leaderboard(base, make_task("romeo_juliet", splits), tokenizer, learning_rates=grids, **args)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA's alpha and LoRA+'s ratio, chosen on validation with the learning rate
+
+
+def test_alpha_is_searched_whenever_rslora_or_lora_plus_is_compared_and_the_grid_holds_alpha_sqrt_r():
+    model = tiny_gpt()
+    for rank in (2, 4):
+        lora, rs = contestants(model, ["lora", "rslora"], rank=rank)
+        expected = sorted({16.0 * f for f in ALPHA_FACTORS} | {16.0 * math.sqrt(rank)})
+        assert lora.knob == "alpha" and list(lora.knob_values) == expected and 16.0 * math.sqrt(rank) in expected
+        assert rs.knob is None and rs.lora.alpha == 16.0  # rsLoRA keeps the leaderboard's alpha
+    # a given alpha grid is used, always with alpha and alpha * sqrt(r), the LoRA that is rsLoRA at this rank
+    (lora, plus) = contestants(model, ["lora", "lora+"], budget=2048, alpha_grid=(4.0,))
+    assert lora.knob_values == (4.0, 16.0, 32.0) and lora.lora.r == plus.lora.r == 4  # LoRA+ trains LoRA's numbers
+    assert plus.knob == "lora_plus_ratio" and plus.knob_values == RATIO_GRID and plus.label == "LoRA+ r=4"
+    assert plus.lora.variant == "lora" and plus.at(8.0).train_overrides() == {"lora_plus_ratio": 8.0}
+    assert lora.at(32.0).lora.alpha == 32.0 and lora.lora.alpha == 16.0
+    # no rsLoRA, no LoRA+: LoRA's alpha stays as given, unless asked for
+    assert contestants(model, ["lora", "dora"], rank=2)[0].knob is None
+    assert contestants(model, ["lora", "dora"], rank=2, tune_alpha=True)[0].knob == "alpha"
+    assert contestants(model, ["lora", "rslora"], rank=2, tune_alpha=False)[0].knob is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(methods=["dora"], tune_alpha=True), "tunes plain 'lora', which is not among the methods"),
+        (dict(methods=["lora"], tune_alpha="yes"), "tune_alpha must be 'auto', True or False"),
+        (dict(methods=["lora"], alpha_grid=(8.0,), tune_alpha=False), "alpha grid was given with tune_alpha=False"),
+        (dict(methods=["lora"], ratio_grid=(4.0,)), "'lora\\+' is not among the methods"),
+        (dict(methods=["lora+"], ratio_grid=(4.0, -1.0)), "LoRA\\+ ratio grid is a non-empty list of positive"),
+        (dict(methods=["lora", "rslora"], alpha_grid=(8.0, 8.0)), "alpha grid lists a value twice"),
+        (dict(methods=["lora+"], ratio_grid=(1e36,), learning_rates={"lora+": (1e3,)}), "beyond float32"),
+    ],
+)
+def test_bad_knob_grids_are_refused_before_anything_runs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        contestants(tiny_gpt(), rank=2, **kwargs)
+
+
+def test_the_knob_search_runs_a_rate_search_per_value_and_keeps_the_best():
+    asked = []
+
+    def score(ratio, lr):  # lowest at ratio 8 and rate 0.01, quadratic in the logs
+        asked.append((ratio, lr))
+        return 1.0 + math.log2(ratio / 8) ** 2 + math.log2(lr / 0.01) ** 2
+
+    found = select_setting(score, "lora_plus_ratio", (16, 2, 4, 8), (4e-3, 8e-3, 1.6e-2), max_extensions=2)
+    assert found.chosen == 8 and list(found.sweeps) == [2, 4, 8, 16]
+    assert found.chosen == min(found.scores, key=found.scores.get)  # the best validation loss of all settings
+    assert found.sweeps[8].chosen == 8e-3 and found.runs == len(asked) == 4 * 3  # the rate was inside: no extension
+    assert found.runs <= 4 * (3 + 2)  # the bound the docs state
+    assert found.neighbours() == (4, 16)
+    text = found.describe()
+    assert "LoRA+ ratio 2 (lr 0.008) -> " in text and f"8 (lr 0.008) -> {1 + math.log2(0.8) ** 2:.4f} [chosen]" in text
+    assert "below 4: +" in text and "above 16: +" in text and "12 selection runs" in text
+    assert found.to_dict()["scores"]["8"] == found.scores[8] and found.to_dict()["sweeps"]["2"]["chosen"] == 8e-3
+    with pytest.raises(ValueError, match="knob must be one of"):
+        select_setting(score, "dropout", (0.1,), (1e-3,))
+
+
+def test_lora_at_alpha_sqrt_r_is_rslora_to_the_bit_and_the_chosen_alpha_is_reported(setup, tmp_path):
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    rate = (8e-3,)
+    board = leaderboard(
+        base, task, tokenizer, ["lora", "rslora"], rank=4, alpha_grid=(16.0,), seeds=SEEDS, cache=False,
+        learning_rates={"lora": rate, "rslora": rate}, **QUICK,
+    )  # fmt: skip
+    lora, rs = board.standings
+    # at r = 4, alpha 32 scales by 32 / 4 = 8 = 16 / sqrt(4): the same seed, batches and init give the same bits
+    assert list(lora.knob.sweeps) == [16.0, 32.0]
+    assert lora.knob.sweeps[32.0].scores[8e-3] == rs.selection.scores[8e-3]
+    assert lora.knob.sweeps[16.0].scores[8e-3] != rs.selection.scores[8e-3]  # and alpha matters
+    if lora.knob.chosen == 32.0:
+        assert lora.values() == rs.values()
+    chosen = lora.knob.chosen
+    assert lora.contestant.lora.alpha == chosen and lora.selection == lora.knob.sweeps[chosen]
+    row = {r["method"]: r for r in board.rows()}["LoRA r=4"]
+    assert row["alpha"] == chosen and row["tuned"] == "alpha"
+    assert f"| alpha {chosen:g} " in board.table()
+    (line,) = board.sections()["alpha and LoRA+ ratio (validation)"]
+    assert line.startswith("LoRA r=4: alpha 16 (lr 0.008) -> ") and f"{chosen:g} (lr 0.008) -> " in line
+    assert "[chosen]" in line and "neighbours vs chosen: " in line and "2 selection runs" in line
+    assert "Alpha and LoRA+ ratio (validation):" in board.to_text()
+    files = write_leaderboard(board, tmp_path / "out")
+    record = json.loads(files["record"].read_text())
+    assert record["configs"]["LoRA r=4"]["lora"]["alpha"] == chosen
+    assert record["configs"]["LoRA r=4"]["tuned"]["scores"] == {
+        "16": lora.knob.scores[16.0],
+        "32": lora.knob.scores[32.0],
+    }
+    assert record["configs"]["rslora r=4"]["tuned"] is None
+    assert [r["alpha"] for r in record["runs"] if r["method"] == "LoRA r=4"][:2] == [16.0, 32.0]
+    shown = json.loads(files["json"].read_text())["methods"][0]
+    assert shown["tuned"]["chosen"] == chosen and shown["lora"]["alpha"] == chosen
+    assert "alpha,lora_plus_ratio,tuned" in files["csv"].read_text().splitlines()[0]
+
+
+def test_lora_plus_chooses_its_ratio_by_the_best_validation_loss_and_caches_each_ratio(setup, tmp_path):
+    base, tokenizer, splits = setup
+    task = make_task("rot13", splits)
+    args = dict(seeds=SEEDS, cache=tmp_path / "cache", tune_alpha=False, **QUICK)
+    grids = {"lora": (8e-3,), "lora+": (2e-3, 4e-3)}
+    board = leaderboard(
+        base, task, tokenizer, ["lora", "lora+"], rank=2, learning_rates=grids, ratio_grid=(1, 16), **args
+    )
+    lora, plus = board.standings
+    assert lora.knob is None and plus.knob.knob == "lora_plus_ratio"
+    best = {v: min(sel.scores.values()) for v, sel in plus.knob.sweeps.items()}
+    assert plus.knob.chosen == min(best, key=best.get) and plus.contestant.lora_plus_ratio == plus.knob.chosen
+    assert plus.selection.chosen == min(plus.selection.scores, key=plus.selection.scores.get)
+    assert best[1.0] != best[16.0]  # the ratio is in the run: B's rate changes the numbers
+    record = board.record
+    assert record["configs"]["LoRA+ r=2"]["train"]["lora_plus_ratio"] == plus.knob.chosen
+    assert record["configs"]["LoRA r=2"]["train"]["lora_plus_ratio"] is None
+    tried = {(r["lora_plus_ratio"], r["learning_rate"]) for r in record["runs"] if r["method"] == "LoRA+ r=2"}
+    assert {(1.0, 2e-3), (16.0, 2e-3)} <= tried
+    # each ratio is its own cached run: a second call is all cache hits with the same choice
+    again = leaderboard(
+        base, task, tokenizer, ["lora", "lora+"], rank=2, learning_rates=grids, ratio_grid=(1, 16), **args
+    )
+    assert all(r["from_cache"] for r in again.record["runs"]) and again.standings[1].knob == plus.knob
+    with pytest.raises(ValueError, match="chooses its own ratio"):
+        leaderboard(base, task, tokenizer, ["lora+"], rank=2, train_overrides={"lora_plus_ratio": 4.0}, **args)
+
+
+def test_claimed_folders_are_refused_in_the_name_of_the_public_writer():
+    with pytest.raises(ValueError, match="^write_leaderboard: the path is empty"):
+        check_leaderboard_output("")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,6 +445,24 @@ def test_compare_with_methods_runs_the_leaderboard_and_says_which_differences_ar
     assert all(r["from_cache"] for r in json.loads((out_dir / "reproducibility.json").read_text())["runs"])
 
 
+def test_compare_ranks_lora_rslora_and_lora_plus_with_alpha_and_ratio_chosen(capsys, base_args, tmp_path):
+    out_dir = tmp_path / "board"
+    argv = [
+        "compare", *base_args, "--methods", "lora,rslora,lora+", "--rank", "2", "--steps", "2", "--eval-chars", "64",
+        "--grid", "lora=0.01", "--grid", "rslora=0.01", "--grid", "lora+=0.01", "--alpha-grid", "16",
+        "--ratio-grid", "16", "--max-extensions", "0", "--task", "shout", "--out", out_dir,
+    ]  # fmt: skip
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "| LoRA r=2 (ref) " in out and "| rslora r=2 " in out and "| LoRA+ r=2 " in out
+    assert "Alpha and LoRA+ ratio (validation):" in out and "LoRA+ ratio 16 (lr 0.01) -> " in out
+    record = json.loads((out_dir / "reproducibility.json").read_text())
+    assert "--alpha-grid 16" in record["command"]
+    assert len(record["configs"]["LoRA r=2"]["tuned"]["sweeps"]) == 2  # 16 and 16 * sqrt(2)
+    assert record["configs"]["LoRA+ r=2"]["train"]["lora_plus_ratio"] == 16.0
+    assert len(record["runs"]) == (2 + 1 + 1) + 3 * 5  # the selection runs, then every seed on test
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -320,6 +478,14 @@ def test_compare_with_methods_runs_the_leaderboard_and_says_which_differences_ar
         (["--methods", "lora", "--rank", "2", "--grid", "dora=0.1"], "not among the methods"),
         (["--methods", "lora", "--rank", "2", "--grid", "lora"], "expected METHOD=R1,R2"),
         (["--methods", "lora", "--rank", "500"], "exceeds min(d, k)"),
+        (["--methods", "lora", "--budget", str(2**31 + 1)], "--budget: must be an integer from 1 to 2,147,483,648"),
+        (["--methods", "lora,rslora", "--rank", "2", "--alpha-grid", "0"], "argument --alpha-grid: must be a number"),
+        (["--methods", "lora,rslora", "--rank", "2", "--alpha-grid", "8,,4"], "--alpha-grid: expected numbers"),
+        (["--methods", "lora+", "--rank", "2", "--ratio-grid", "4,4"], "--ratio-grid: lists a value twice"),
+        (["--methods", "lora+", "--rank", "2", "--ratio-grid", "inf"], "--ratio-grid: must be a number from"),
+        (["--methods", "lora", "--rank", "2", "--ratio-grid", "4"], "'lora+' is not among the methods"),
+        (["--methods", "dora", "--rank", "2", "--alpha-grid", "8"], "tunes plain 'lora', which is not among"),
+        (["--alpha-grid", "8"], "--alpha-grid does not apply without --methods"),
     ],
 )
 def test_leaderboard_options_are_checked_before_any_work(capsys, tmp_path, argv, message):
@@ -340,3 +506,16 @@ def test_tasks_carry_the_datasets_test_split_as_their_test_text(setup):
         replace(rot13, source_test=None)
     with pytest.raises(ValueError, match="its test text is empty"):
         replace(rot13, test="")
+
+
+def test_a_leaderboard_side_by_side_gives_the_numbers_of_one_process(setup, tmp_path):
+    from lora_lab.experiments.parallel import default_workers
+
+    base, tokenizer, splits = setup
+    task = make_task("rot13", splits)
+    args = dict(methods=["lora", "full"], rank=2, seeds=SEEDS, learning_rates={"lora": (4e-3, 8e-3), "full": (1e-3,)})
+    two = leaderboard(base, task, tokenizer, cache=tmp_path / "two", workers=min(2, default_workers()), **args, **QUICK)
+    one = leaderboard(base, task, tokenizer, cache=tmp_path / "one", workers=1, **args, **QUICK)
+    assert [s.selection for s in two.standings] == [s.selection for s in one.standings]
+    assert [s.values() for s in two.standings] == [s.values() for s in one.standings]
+    assert sum(not r["from_cache"] for r in two.record["runs"]) < len(two.record["runs"])  # prefetched, then read

@@ -22,6 +22,7 @@ CHAPTERS = [
     "08_lora_variants",
     "09_scaling_out",
     "10_what_the_update_looks_like",
+    "11_where_and_how_much",
     "12_memory_and_qlora",
 ]
 # Not a numbered chapter: the worked solutions of every chapter's checked exercises.
@@ -39,6 +40,7 @@ MEASURING_EXERCISES = {
     "08_lora_variants": "check_frozen_adapter_bytes",
     "09_scaling_out": "check_mixed_lora_linear",  # one layer serving rows on different adapters, vs each alone
     "10_what_the_update_looks_like": "check_top_similarity",  # phi(1, 1) of two A's, measured from their SVDs
+    "11_where_and_how_much": "check_source_at_target",  # forgetting at a matched loss, read off real curves
     "12_memory_and_qlora": "check_step_total_bytes",  # a training step's bytes, counted from the real tensors
 }
 CHECKER_CALL = re.compile(r"exercises\.(check_\w+)\(")

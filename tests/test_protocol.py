@@ -1,5 +1,5 @@
 """The comparison protocol: the exact estimator, the training loop it shares with train(), the learning-rate
-sweep, seeds and spreads, the noise line and the run cache. Runs on the tiny synthetic base of test_finetune."""
+sweep, seeds and spreads, paired-seed verdicts and the run cache. Runs on the tiny synthetic base of test_finetune."""
 
 import json
 import math
@@ -12,21 +12,24 @@ from test_finetune import setup  # noqa: F401 (the module-scoped synthetic base)
 
 from lora_lab import GPT, LoRAConfig, apply_lora, train
 from lora_lab.digests import json_digest
+from lora_lab.experiments.defaults import SELECTION_SEED
 from lora_lab.experiments.estimator import curve_steps, encode_task, split_scores, task_scores
 from lora_lab.experiments.finetune import train_with_curve
 from lora_lab.experiments.protocol import (
     Comparison,
     Method,
     MethodResult,
-    above_noise,
     compare,
     full_method,
     lora_method,
     mean_spread,
     protocol_train_config,
+    report_view,
+    selection_view,
 )
 from lora_lab.experiments.reports import comparison_figure, plot_comparison
 from lora_lab.experiments.runs import Run, model_digest, run_once, runs_dir
+from lora_lab.experiments.stats import MIN_SEEDS, TooFewSeedsError, holm_adjust, paired_difference
 from lora_lab.experiments.studies import delta_norm_rows, equal_budget_ranks, lr_ratio
 from lora_lab.storage.files import CorruptFileError
 from lora_lab.tasks import make_task
@@ -78,15 +81,11 @@ def test_the_curve_loop_trains_exactly_like_train_and_starts_at_the_base(setup):
     assert curve[-1] == {"step": 20, **task_scores(models[0], data, eval_chars=500)}  # the last point is the table's
 
 
-def test_mean_spread_and_the_noise_rule():
+def test_mean_spread():
     mean, std = mean_spread([1.0, 2.0, 4.0])
     assert mean == pytest.approx(7 / 3)
     assert std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))  # n - 1
     assert mean_spread([2.5]) == (2.5, 0.0)
-    assert above_noise([1.0, 1.1, 1.2], [1.3, 1.4])
-    assert not above_noise([1.0, 1.25, 1.2], [1.3, 1.24])  # ranges overlap
-    assert above_noise([2.0, 2.1], [1.9])  # the base: a single value outside the range
-    assert not above_noise([2.0, 2.1], [2.05])
 
 
 def _fake_run(label, lr, seed, target, source=1.0):
@@ -104,31 +103,80 @@ def _fake_run(label, lr, seed, target, source=1.0):
     )
 
 
-def test_table_has_a_base_row_mean_and_std_and_a_noise_line(setup):
+def _fake_comparison(splits, lora_targets, full_targets, full_seeds=None):
+    """A Comparison of LoRA r=2 and full FT with these final target losses, one run per seed 0, 1, ...
+    (full FT's runs with full_seeds, if given), and a base target loss of 3."""
+    seeds = tuple(range(len(lora_targets)))
+    results = []
+    for method, lr, targets, run_seeds in (
+        (lora_method(2, learning_rates=[1e-3]), 1e-3, lora_targets, seeds),
+        (full_method([1e-4]), 1e-4, full_targets, full_seeds or seeds),
+    ):
+        runs = [_fake_run(method.label, lr, seed, t) for seed, t in zip(run_seeds, targets)]
+        results.append(MethodResult(method, lr, {lr: targets[0]}, runs))
+    base = {"target": 3.0, "target_accuracy": 0.1, "source": 1.0}
+    return Comparison(make_task("shout", splits), base, results, seeds, 9)
+
+
+def test_table_has_a_base_row_mean_and_std_and_no_verdict_below_five_seeds(setup):
     _, _, splits = setup
-    a, b = lora_method(2, learning_rates=[1e-3]), full_method([1e-4])
-    comp = Comparison(
-        make_task("shout", splits),
-        {"target": 3.0, "target_accuracy": 0.1, "source": 1.0},
-        [
-            MethodResult(a, 1e-3, {1e-3: 2.0}, [_fake_run(a.label, 1e-3, s, t) for s, t in enumerate((2.0, 2.1, 2.2))]),
-            MethodResult(
-                b, 1e-4, {1e-4: 2.5}, [_fake_run(b.label, 1e-4, s, t) for s, t in enumerate((2.15, 2.3, 2.4))]
-            ),
-        ],
-        (0, 1, 2),
-        9,
-    )
+    comp = _fake_comparison(splits, (2.0, 2.1, 2.2), (2.15, 2.3, 2.4))
     rows = comp.rows()
     assert [r["method"] for r in rows] == ["base", "LoRA r=2", "full FT"]
     assert rows[0]["target loss"] == "3.0000"
     assert rows[1]["target loss"] == "2.1000 ± 0.1000" and rows[1]["lr"] == "0.001"
-    lines = comp.noise_lines()
-    assert "target loss: LoRA r=2 vs base: -0.9000 (above noise)" in lines
-    assert "target loss: LoRA r=2 vs full FT: -0.1833 (within noise)" in lines  # 2.2 > 2.15: ranges overlap
-    assert "source loss: LoRA r=2 vs base: +0.0000 (within noise)" in lines
     assert lr_ratio(comp, "LoRA r=2") == pytest.approx(10.0)
-    assert "± " in comp.to_text() and "above noise when the seed ranges" in comp.to_text()
+    with pytest.raises(TooFewSeedsError, match="at least MIN_SEEDS"):
+        comp.verdicts("target", reference="full FT")
+    text = comp.to_text()  # the report still prints, and says why it gives no verdict
+    assert "± " in text and f"3 seed(s): no verdicts. A verdict needs at least {MIN_SEEDS} paired seeds" in text
+
+
+def test_verdicts_known_answers(setup):
+    _, _, splits = setup
+    noise = (0.03, -0.02, 0.05, -0.04, 0.01, 0.00)
+    lora = tuple(2.0 + e for e in noise)
+    # identical methods: every paired difference is 0, so there is nothing to call real
+    same = _fake_comparison(splits, lora, lora)
+    (verdict,) = same.verdicts("target", reference="full FT")
+    assert not verdict.real and verdict.diff.mean == 0 and "identical results" in verdict.sentence
+    # the same seed luck on both sides plus a clear shift: real, though the seed ranges overlap
+    jitter = (0.004, -0.003, 0.002, -0.001, 0.003, -0.005)  # sums to 0: the mean shift stays 0.05
+    shifted = tuple(v + 0.05 + j for v, j in zip(lora, jitter))
+    assert max(lora) > min(shifted)  # the seed ranges overlap: the old range rule would have called it noise
+    comp = _fake_comparison(splits, lora, shifted)
+    (verdict,) = comp.verdicts("target", reference="full FT")
+    assert verdict.real and verdict.name == "LoRA r=2" and verdict.reference == "full FT"
+    assert verdict.diff.mean == pytest.approx(-0.05) and verdict.diff.high < 0
+    assert (
+        verdict.sentence.startswith("LoRA r=2 is lower than full FT by 0.050") and "6 paired seeds" in verdict.sentence
+    )
+    # per-seed differences that vary as much as their mean: not detectable
+    scattered = (2.3, 1.9, 2.2, 1.95, 2.25, 2.0)
+    (verdict,) = _fake_comparison(splits, lora, scattered).verdicts("target", reference="full FT")
+    assert not verdict.real and verdict.sentence.startswith("No detectable difference between LoRA r=2 and full FT")
+    # against the base (one deterministic value): both methods, Holm-adjusted across the two calls
+    against_base = comp.verdicts("target")
+    assert [(v.name, v.reference, v.real) for v in against_base] == [
+        ("LoRA r=2", "base", True),
+        ("full FT", "base", True),
+    ]
+    one = paired_difference(lora, [3.0] * len(lora))
+    assert against_base[0].diff == one
+    assert [v.adjusted_p for v in against_base] == pytest.approx(holm_adjust([v.diff.p_value for v in against_base]))
+    text = comp.to_text()
+    assert "| LoRA r=2 | full FT" not in text  # the reference method is the first one: full FT vs LoRA r=2
+    assert "full FT is higher than LoRA r=2 by 0.050" in text and "95% CI" in text and "Holm p" in text
+
+
+def test_verdicts_refuse_unpaired_seeds_and_unknown_references(setup):
+    _, _, splits = setup
+    values = (2.0, 2.1, 2.2, 2.05, 2.15)
+    comp = _fake_comparison(splits, values, [v + 0.1 for v in values], full_seeds=(0, 1, 2, 3, 7))
+    with pytest.raises(ValueError, match=r"same seeds \[0, 1, 2, 3, 4\].*'full FT' has \[0, 1, 2, 3, 7\]"):
+        comp.verdicts("target", reference="LoRA r=2")
+    with pytest.raises(ValueError, match="neither 'base' nor a method"):
+        comp.verdicts("target", reference="LoRA r=4")
 
 
 def test_compare_picks_the_best_rate_of_the_grid_and_runs_every_seed(setup, tmp_path):
@@ -148,7 +196,16 @@ def test_compare_picks_the_best_rate_of_the_grid_and_runs_every_seed(setup, tmp_
     assert res.chosen_lr == 1e-2 == min(res.sweep, key=res.sweep.get)
     assert [r.seed for r in res.runs] == [0, 1, 2] and {r.learning_rate for r in res.runs} == {1e-2}
     assert len({r.final["target"] for r in res.runs}) == 3  # seeds differ
-    assert res.values("target")[0] == res.sweep[1e-2]
+    # the rate was chosen with the selection seed on the validation text; the table is the test text's
+    assert comp.selection_seed == SELECTION_SEED and comp.reported_on == "test"
+    chosen_on = run_once(base, selection_view(task), tokenizer, res.method.lora,
+                         protocol_train_config(False, 1e-2, SELECTION_SEED, SHORT["steps"]),
+                         eval_chars=SHORT.get("eval_chars"), points=SHORT.get("curve_points", 5),
+                         cache=tmp_path / "cache")  # fmt: skip
+    assert chosen_on.from_cache and chosen_on.final["target"] == res.sweep[1e-2]
+    assert comp.base == task_scores(base, encode_task(report_view(task), tokenizer), SHORT.get("eval_chars"))
+    with pytest.raises(ValueError, match="selection_seed 1 is one of the reported seeds"):
+        compare(base, task, tokenizer, [lora_method(2)], seeds=(0, 1, 2), selection_seed=1, cache=False, **SHORT)
     path = plot_comparison(comp, tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the figure's points are the table's numbers: step 0 on the base line, the last point the seed mean
@@ -281,7 +338,11 @@ def test_the_chapter_studies_run_what_they_say(setup, tmp_path):
     task = make_task("shout", splits)
     fast = dict(seeds=(0, 1, 2), steps=6, cache=tmp_path)
     comp = lora_vs_full(base, task, tokenizer, r=2, **fast)
-    assert [(r.method.label, list(r.sweep)) for r in comp.results] == [("LoRA r=2", [8e-3]), ("full FT", [1e-3])]
+    # one-rate grids are choices already made: no selection runs
+    assert [(r.method.label, r.chosen_lr, r.sweep) for r in comp.results] == [
+        ("LoRA r=2", 8e-3, {}),
+        ("full FT", 1e-3, {}),
+    ]
     assert lr_ratio(comp, "LoRA r=2") == pytest.approx(8.0)
     by_rank = norm_by_rank(base, task, tokenizer, ranks=(1, 4), **fast)
     rows = delta_norm_rows(by_rank)
@@ -333,11 +394,28 @@ def test_cli_compare_writes_the_table_the_runs_and_the_curves(tmp_path, capsys):
     ]
     record = json.loads((out / "comparison.json").read_text())
     assert [m["label"] for m in record["methods"]] == ["LoRA r=2", "full FT"]
-    assert [len(m["runs"]) for m in record["methods"]] == [3, 3] and record["seeds"] == [0, 1, 2]
+    assert [len(m["runs"]) for m in record["methods"]] == [5, 5] and record["seeds"] == [0, 1, 2, 3, 4]
     assert (out / "comparison.md").read_text() in printed  # the table printed is the table written
-    assert "| base " in printed and "Noise: a difference is above noise" in printed
+    assert "| base " in printed and "Holm-adjusted p" in printed  # the CLI's default 5 paired seeds: verdicts
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
     assert main([str(a) for a in argv[:-1] + [mine]]) == 2  # a folder of the user's files is refused
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_compare_side_by_side_gives_the_numbers_of_one_process(setup, tmp_path):
+    from lora_lab.experiments.parallel import default_workers
+    from lora_lab.tasks import make_task
+
+    base, tokenizer, splits = setup
+    task = make_task("shout", splits)
+    methods = [lora_method(2, learning_rates=(4e-3, 8e-3)), full_method((1e-3, 2e-3))]
+    quick = dict(seeds=(0, 1, 2), steps=3, eval_chars=64, curve_points=2)
+    two = compare(base, task, tokenizer, methods, cache=tmp_path / "two", workers=min(2, default_workers()), **quick)
+    one = compare(base, task, tokenizer, methods, cache=tmp_path / "one", workers=1, **quick)
+    assert [r.chosen_lr for r in two.results] == [r.chosen_lr for r in one.results]
+    assert [r.sweep for r in two.results] == [r.sweep for r in one.results]
+    assert [r.values("target") for r in two.results] == [r.values("target") for r in one.results]
+    names = {side: sorted(p.name for p in (tmp_path / side / "protocol-runs").iterdir()) for side in ("two", "one")}
+    assert names["two"] == names["one"] and len(names["one"]) > 2 * 2 + 2 * 2  # sweeps, seeds 1 and 2, the marker

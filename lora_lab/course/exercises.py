@@ -1168,3 +1168,58 @@ def check_step_total_bytes(step_total_bytes) -> CheckReport:
             f"{name}: got {got!r}, expected {expected:,} bytes{hint}",
         )
     return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 11: forgetting at a matched amount of learning
+
+
+def _curve(points) -> list[dict]:
+    return [{"step": s, "target": t, "source": f} for s, t, f in points]
+
+
+def check_source_at_target(source_at_target) -> CheckReport:
+    """source_at_target(curve, level) -> the source loss where a run's target loss first reaches `level`, linearly
+    interpolated between curve points (as experiments.placement_lab.source_at_target computes it); NaN if never."""
+    from ..experiments.placement_lab import source_at_target as reference
+
+    report = CheckReport("source_at_target(curve, level)")
+    uneven = _curve([(0, 3.0, 1.0), (10, 2.0, 1.4), (40, 1.0, 2.6)])  # steps unevenly spaced
+    cases = [
+        ("level on a curve point", uneven, 2.0),
+        ("level between points (interpolate along the target loss)", uneven, 1.25),
+        ("a curve that dips below the level, rises and dips again (the first crossing)",
+         _curve([(0, 3.0, 1.0), (10, 1.5, 2.0), (20, 2.5, 1.2), (30, 1.0, 3.0)]), 2.0),
+        ("a level the run never reaches", uneven, 0.5),
+    ]  # fmt: skip
+    for case, curve, level in cases:
+        ok, got = _call(report, case, source_at_target, [dict(p) for p in curve], level)
+        if not ok:
+            continue
+        expected = reference(curve, level)
+        try:
+            value = float(got)
+        except (TypeError, ValueError):
+            report.check(False, f"{case}: expected a number, got {type(got).__name__}")
+            continue
+        if math.isnan(expected):
+            report.check(math.isnan(value), f"{case}: NaN", f"{case}: got {value:.4f}, expected NaN (never reached)")
+            continue
+        nearest = min(curve, key=lambda p: abs(p["target"] - level))["source"]
+        crossings = [i for i in range(1, len(curve)) if curve[i]["target"] <= level <= curve[i - 1]["target"]]
+        last = reference(curve[crossings[-1] - 1 :], level) if crossings else expected  # the last crossing's value
+        hint = ""
+        if math.isclose(value, expected):
+            pass
+        elif math.isclose(value, nearest):
+            hint = " (that is the nearest point's source loss: interpolate between the two points around the level)"
+        elif math.isclose(value, last):
+            hint = " (a later crossing: take the first point where the target loss reaches the level)"
+        else:
+            hint = " (interpolate by the target loss, t = (before - level) / (before - after), not by the step)"
+        report.check(
+            math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-9),
+            f"{case}: {expected:.4f}",
+            f"{case}: got {value:.4f}, expected {expected:.4f}{hint}",
+        )
+    return report

@@ -116,7 +116,7 @@ class TourReport:
             f"Validation loss (nats/char): the exact loss of the first {EVAL_CHARS:,} characters of each "
             "validation text, the same estimator as every point of loss_curves.png; target = the task, "
             "source = pretraining text (higher than base = forgetting); target_acc = next-character accuracy. "
-            "One seed: `lora_lab.protocol.compare` adds seeds, a learning-rate sweep and a noise line.",
+            "One seed: `lora_lab.protocol.compare` adds paired seeds, a learning-rate sweep and verdicts.",
             "",
             format_table(loss_rows(self.results, self.base_params)),
             "",

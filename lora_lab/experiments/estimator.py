@@ -9,22 +9,35 @@ point of a LoRA run *is* the base (B = 0), and the last point *is* the table's n
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 
+from ..data import CharTokenizer
 from ..devices import pick_device
 from ..model import GPT
 from ..tasks import Task
 from .defaults import CURVE_POINTS, EVAL_CHARS
 
 
+@functools.lru_cache(maxsize=8)
+def _encoded(vocab: tuple[str, ...], text: str) -> torch.Tensor:
+    # A sweep fine-tunes on one training text a hundred times; encoding it is a large share of a short run.
+    return torch.tensor(CharTokenizer(list(vocab)).encode(text), dtype=torch.long)
+
+
 def encode_task(task: Task, tokenizer) -> dict[str, torch.Tensor]:
-    """The task's texts as token tensors: train, target (validation) and source (validation)."""
+    """The task's texts as token tensors: train, target (validation) and source (validation). A character
+    tokenizer's encodings are remembered for the last few texts, so each tensor is a copy of a shared one."""
+    if isinstance(tokenizer, CharTokenizer):
+        encode = lambda text: _encoded(tuple(tokenizer.chars), text).clone()  # noqa: E731
+    else:
+        encode = lambda text: torch.tensor(tokenizer.encode(text), dtype=torch.long)  # noqa: E731
     return {
-        "train": torch.tensor(tokenizer.encode(task.train), dtype=torch.long),  # (n_train,)
-        "target": torch.tensor(tokenizer.encode(task.validation), dtype=torch.long),  # (n_target,)
-        "source": torch.tensor(tokenizer.encode(task.source_validation), dtype=torch.long),  # (n_source,)
+        "train": encode(task.train),  # (n_train,)
+        "target": encode(task.validation),  # (n_target,)
+        "source": encode(task.source_validation),  # (n_source,)
     }
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..lora import LoRAConfig, apply_lora, lora_layers
 from ..model import GPT
-from ..storage.files import claim_output_dir, write_file_atomic
+from ..storage.files import claim_output_dir
 from ..tasks import Task
 from .analysis import (
     amplification,
@@ -30,7 +30,7 @@ from .analysis import (
 from .defaults import FULL_LEARNING_RATE, LORA_LEARNING_RATE, finetune_config
 from .estimator import encode_task, task_scores
 from .finetune import FinetuneResult, finetune
-from .reports import new_figure, save_figure, table_csv
+from .reports import new_figure, verdict_word, write_tables_and_figures
 
 PAPER_LAB_OUTPUT_FORMAT = "lora_lab.paper_lab.v1"
 MATRIX_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj")  # the paper's Wq, Wk, Wv, Wo
@@ -367,10 +367,6 @@ def tradeoff_figure(rows: list[dict], label: str):
 # The verdicts
 
 
-def _verdict(full: bool, partly: bool) -> str:
-    return "reproduced" if full else ("partly" if partly else "not reproduced")
-
-
 def rank_verdict(spectrum: list[dict], lora_label: str = "LoRA r=8") -> dict:
     """Biderman et al.'s finding on the spectrum table: full fine-tuning's update has far higher rank."""
     full_rank = sum(r["full FT"] for r in spectrum) / len(spectrum)
@@ -381,7 +377,7 @@ def rank_verdict(spectrum: list[dict], lora_label: str = "LoRA r=8") -> dict:
         "finding": "full fine-tuning's Delta W has 10-100x the rank of LoRA's (Biderman et al. 2024)",
         "ours": f"90%-energy rank {full_rank:.1f} (full FT) vs {lora_rank:.1f} ({lora_label}): {ratio:.1f}x",
         "rule": "reproduced if >= 10x, partly if >= 2x",
-        "verdict": _verdict(ratio >= 10, ratio >= 2),
+        "verdict": verdict_word(ratio >= 10, ratio >= 2),
         "why": f"at width {spectrum[0]['max rank']} even a Gaussian matrix needs only {gaussian:.0f} directions for "
         f"90% of its energy, which caps the ratio at {gaussian / lora_rank:.0f}x here",
     }
@@ -400,7 +396,7 @@ def similarity_verdict(similarity: list[dict], pair: str) -> dict:
         "ours": f"phi(1,1) > 0.5 in {shared} of {len(rows)} matrix types; above chance (p < 0.05) in "
         f"{beyond_chance} of {len(rows)}",
         "rule": "reproduced if every type is > 0.5 and above chance, partly if some type is above chance",
-        "verdict": _verdict(shared == beyond_chance == len(rows), beyond_chance > 0),
+        "verdict": verdict_word(shared == beyond_chance == len(rows), beyond_chance > 0),
         "why": f"training changed A by {moved:.0%} of its norm: its random start, which no two runs share, is still "
         "a large part of every A",
     }
@@ -417,7 +413,7 @@ def amplification_verdict(table: list[dict]) -> dict:
         "ours": f"factor {low['amplification']:.1f} at r = {low['r']} and {high['amplification']:.1f} at r = "
         f"{high['r']}; W along Delta W's directions {low['onto Delta W']:.2f} vs along W's own {low['onto W']:.2f}",
         "rule": "reproduced if the factor exceeds 1 at low rank, with W weak there, and falls with r; partly if one",
-        "verdict": _verdict(falls and amplifies, falls or amplifies),
+        "verdict": verdict_word(falls and amplifies, falls or amplifies),
         "why": f"||Delta W|| / ||W|| is {low['||Delta W|| / ||W||']:.2f} here against the paper's "
         f"{low['paper ||Delta W|| / ||W||']:.2f}: a toy fine-tune changes its weights far more, relative to them",
     }
@@ -436,7 +432,7 @@ def intruder_verdict(intruders: list[dict], lora_label: str = "LoRA r=8", eps: f
         "ours": f"{counts[lora_label]} intruders in {matrices} matrices ({lora_label}) vs {counts['full FT']} (full "
         f"FT), at eps = {eps:g}",
         "rule": "reproduced if LoRA has more and full FT at most one per four matrices, partly if LoRA has more",
-        "verdict": _verdict(more and few, more),
+        "verdict": verdict_word(more and few, more),
         "why": "a low-rank update adds a few large new directions; full fine-tuning spreads its change over all",
     }
 
@@ -444,14 +440,7 @@ def intruder_verdict(intruders: list[dict], lora_label: str = "LoRA r=8", eps: f
 def write_paper_lab(tables: dict[str, list[dict]], figures: dict[str, object], out_dir: str | os.PathLike) -> dict:
     """Each table as <name>.csv and each figure as <name>.png in a lora_lab output folder; returns the paths by
     file name."""
-    out = claim_output_dir(out_dir, PAPER_LAB_OUTPUT_FORMAT)
-    written = {}
-    for name, rows in tables.items():
-        columns = list(dict.fromkeys(c for r in rows for c in r))
-        written[f"{name}.csv"] = write_file_atomic(out / f"{name}.csv", table_csv(rows, columns))
-    for name, fig in figures.items():
-        written[f"{name}.png"] = save_figure(fig, out / f"{name}.png")
-    return written
+    return write_tables_and_figures(tables, figures, out_dir, PAPER_LAB_OUTPUT_FORMAT)
 
 
 def check_paper_lab_output(out_dir: str | os.PathLike):

@@ -3,13 +3,17 @@
 The rules, in the order `compare` applies them:
 1. One estimator (estimator.split_scores): curve points and table numbers are the same function of the same
    weights, so the step-0 point of a LoRA run *is* the base (B = 0), and the last point *is* the table's number.
-2. A learning-rate sweep per method. Each method tries its own grid on the first seed and keeps the rate
-   with the lowest final target loss; the chosen rate is reported. (It is chosen on the target validation
-   text the table reports, so the table is slightly optimistic for every method alike.)
-3. Seeds. The chosen rate is then run with every seed (>= 3), and tables give mean ± std (sample std, n-1)
-   over seeds, next to a base row (the base is deterministic: no spread).
-4. A noise line. A difference is called above noise when the two seed ranges (min..max) do not overlap
-   (for the base: when its value lies outside the method's range); otherwise it is within noise.
+2. A learning-rate sweep per method, on the VALIDATION text. Each method tries its own grid with the selection
+   seed (SELECTION_SEED, never a reported seed) and keeps the rate with the lowest final target loss; a one-rate
+   grid is a choice already made and runs no sweep. Selection is given the task without its test texts.
+3. Seeds, on the TEST text. The chosen rate is then run with every seed and scored on the task's test texts,
+   which no choice looked at (a task without a test split is reported on its validation text, and the table
+   says so). Tables give mean ± std (sample std, n-1) over seeds, next to a base row (the base is
+   deterministic: no spread). Every method gets the same seeds, and a seed gives every method the same data
+   order, so the results pair up seed by seed.
+4. Verdicts (Comparison.verdicts, stats.py's rule): the per-seed differences to a reference (the base or a
+   method), a 95% t interval, p-values Holm-adjusted across the calls of one table, a sentence per call.
+   A verdict needs at least stats.MIN_SEEDS paired seeds; with fewer, it is refused (TooFewSeedsError).
 5. A cache (runs.run_once): every run's numbers are kept on disk, so a second call returns them at once.
 Every run is one finetune.finetune; the comparisons the chapters run with this rule are in studies.py.
 """
@@ -36,14 +40,17 @@ from .defaults import (
     FULL_LEARNING_RATES,
     LORA_LEARNING_RATES,
     SEEDS,
+    SELECTION_SEED,
     STEPS,
     default_lora_config,
     finetune_config,
 )
 from .estimator import encode_task, one_cpu_thread, task_scores
 from .finetune import method_label
+from .parallel import Prefetcher, RunRequest
 from .reports import format_table, plot_comparison
 from .runs import Run, model_digest, run_once
+from .stats import MIN_SEEDS, Verdict, format_p, verdicts_against
 
 COMPARE_OUTPUT_FORMAT = "lora_lab.compare.v1"  # the tag of a folder write_comparison writes into
 
@@ -54,6 +61,33 @@ def protocol_train_config(
     """The training config of one protocol run: defaults.finetune_config (the one recipe) on the CPU."""
     return finetune_config(
         full, **{"learning_rate": learning_rate, "seed": seed, "max_iters": steps, "device": "cpu", **overrides}
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The task's views: selection never holds the test texts; reports score the test texts
+
+
+def selection_view(task: Task) -> Task:
+    """The task without its test texts: what learning-rate selection is given."""
+    return replace(task, test=None, source_test=None)
+
+
+def report_view(task: Task) -> Task:
+    """The task scored on its test texts: the same training text, with test and source_test in the places
+    the estimator scores (validation, source_validation). Training is the same: scoring draws no random numbers."""
+    if task.test is None:
+        raise ValueError(
+            f"Task {task.name!r} has no test text, so its numbers could only be reported on the text its "
+            "learning rates were chosen on; use a task with a test split (shout or rot13 from tiny-shakespeare)."
+        )
+    return Task(
+        name=f"{task.name}:test",
+        description=task.description,
+        train=task.train,
+        validation=task.test,
+        source_validation=task.source_test,
+        metric=task.metric,
     )
 
 
@@ -100,11 +134,6 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def above_noise(a: list[float], b: list[float]) -> bool:
-    """True when the two sets of seed results do not overlap (max of one below min of the other)."""
-    return max(a) < min(b) or max(b) < min(a)
-
-
 @dataclass
 class MethodResult:
     method: Method
@@ -115,6 +144,9 @@ class MethodResult:
     def values(self, key: str) -> list[float]:
         return [r.final[key] for r in self.runs]
 
+    def run_seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
 
 @dataclass
 class Comparison:
@@ -124,7 +156,9 @@ class Comparison:
     seeds: tuple[int, ...]
     steps: int
     seconds: float = 0.0
-    eval_chars: int | None = EVAL_CHARS  # characters scored per validation text (None: all of it)
+    eval_chars: int | None = EVAL_CHARS  # characters scored per text (None: all of it)
+    selection_seed: int = SELECTION_SEED  # the rates were chosen with it, on the validation text
+    reported_on: str = "test"  # the split the table's numbers come from ("validation" for a task without a test)
 
     METRICS = (("target", "target loss"), ("target_accuracy", "target accuracy"), ("source", "source loss"))
 
@@ -156,35 +190,63 @@ class Comparison:
             rows.append(row)
         return rows
 
-    def noise_lines(self) -> list[str]:
-        """Which differences are above seed noise (non-overlapping seed ranges), one line per comparison."""
-        if len(self.seeds) < 2:
-            return ["(one seed: no spread to judge noise by; protocol.compare with 3 seeds gives one)"]
+    def verdicts(self, key: str = "target", reference: str = "base", confidence: float = 0.95) -> list[Verdict]:
+        """Every method (but the reference) against `reference` (a method's label, or "base") on metric `key`:
+        stats.verdicts_against over the per-seed values, paired by seed, Holm-adjusted across these calls.
+
+        The base is deterministic, so against it each seed's value is compared with the one base value.
+        Refused with ValueError when the methods' runs do not have the same seeds (nothing to pair), and with
+        stats.TooFewSeedsError below stats.MIN_SEEDS seeds."""
+        labels = [res.method.label for res in self.results]
+        if reference != "base" and reference not in labels:
+            raise ValueError(f"reference {reference!r} is neither 'base' nor a method of this comparison: {labels}.")
+        seeds = {res.method.label: res.run_seeds() for res in self.results}
+        unpaired = [label for label, s in seeds.items() if s != list(self.seeds)]
+        if unpaired:
+            raise ValueError(
+                f"paired verdicts need every method run with the same seeds {list(self.seeds)}, but "
+                + ", ".join(f"{label!r} has {seeds[label]}" for label in unpaired)
+                + ": rerun those methods with the comparison's seeds."
+            )
+        values = {label: res.values(key) for label, res in zip(labels, self.results)}
+        if reference == "base":
+            values = {"base": [self.base[key]] * len(self.seeds), **values}
+        return verdicts_against(values, reference, confidence)
+
+    def verdict_lines(self, reference: str | None = None) -> list[str]:
+        """Per metric, the verdicts against the base, then against `reference` (default: the first method): a
+        table of the paired differences and their intervals, then one sentence per call."""
+        if len(self.seeds) < MIN_SEEDS:
+            return [
+                f"({len(self.seeds)} seed(s): no verdicts. A verdict needs at least {MIN_SEEDS} paired seeds; "
+                f"run compare with seeds=range({MIN_SEEDS}) or more.)"
+            ]
+        references = ["base"]
+        if len(self.results) > 1:
+            references.append(reference or self.results[0].method.label)
         lines = []
         for key, name in self.METRICS:
-            for res in self.results:
-                vals, b = res.values(key), self.base[key]
-                verdict = "above noise" if above_noise(vals, [b]) else "within noise"
-                lines.append(f"{name}: {res.method.label} vs base: {statistics.fmean(vals) - b:+.4f} ({verdict})")
-            for i, a in enumerate(self.results):
-                for other in self.results[i + 1 :]:
-                    va, vb = a.values(key), other.values(key)
-                    verdict = "above noise" if above_noise(va, vb) else "within noise"
-                    lines.append(
-                        f"{name}: {a.method.label} vs {other.method.label}: "
-                        f"{statistics.fmean(va) - statistics.fmean(vb):+.4f} ({verdict})"
-                    )
+            found = [v for ref in references for v in self.verdicts(key, ref)]
+            lines += ["", f"{name}:", format_table(verdict_rows(found)), *(v.sentence for v in found)]
         return lines
 
     def to_text(self) -> str:
         scored = "all the characters" if self.eval_chars is None else f"the first {self.eval_chars:,} characters"
+        caveat = "" if self.reported_on == "test" else " (this task has no test split: chosen on the text reported)"
+        swept = [res for res in self.results if res.sweep]
+        chosen = (
+            f"lr = the rate chosen from each method's grid on the validation text with seed {self.selection_seed} "
+            f"(lowest target loss){caveat}"
+            + ("" if len(swept) == len(self.results) else "; a one-rate grid's rate is given, not chosen")
+            if swept
+            else "lr = the one rate each method was given (no selection)"
+        )
         head = (
             f"Task {self.task.name}: {self.steps} steps, seeds {list(self.seeds)}; exact loss on {scored} "
-            "of each validation text; mean ± std (n-1) over seeds; lr = the rate "
-            "chosen from each method's grid on the first seed (lowest target loss)."
+            f"of each {self.reported_on} text; mean ± std (n-1) over seeds; {chosen}."
         )
         sweeps = [
-            f"lr sweep {res.method.label}: "
+            f"lr sweep {res.method.label} (validation): "
             + ", ".join(f"{lr:g} -> {v:.4f}" for lr, v in res.sweep.items())
             + (
                 " (best at the grid's edge: widen the grid)"
@@ -192,9 +254,28 @@ class Comparison:
                 else ""
             )
             for res in self.results
+            if res.sweep
         ]
-        noise = "Noise: a difference is above noise when the seed ranges (min..max) do not overlap."
-        return "\n".join([head, "", format_table(self.rows()), "", *sweeps, "", noise, *self.noise_lines()]) + "\n"
+        rule = (
+            "Verdicts: per-seed differences (method - reference, paired by seed), a 95% t interval, "
+            "p-values Holm-adjusted across each metric's calls against one reference."
+        )
+        return "\n".join([head, "", format_table(self.rows()), "", *sweeps, "", rule, *self.verdict_lines()]) + "\n"
+
+
+def verdict_rows(verdicts: list[Verdict]) -> list[dict]:
+    """Rows for format_table: each call's paired difference (method - reference), its interval and Holm p."""
+    return [
+        {
+            "method": v.name,
+            "vs": v.reference,
+            "difference": f"{v.diff.mean:+.4f}",
+            f"{v.diff.confidence:.0%} CI": f"{v.diff.low:+.4f} to {v.diff.high:+.4f}",
+            "Holm p": format_p(v.adjusted_p),
+            "call": "real" if v.real else "not detectable",
+        }
+        for v in verdicts
+    ]
 
 
 def compare(
@@ -211,15 +292,29 @@ def compare(
     curve_points: int = CURVE_POINTS,
     log=None,
     log_dir: str | os.PathLike | None = None,
+    workers: int = 1,
+    selection_seed: int = SELECTION_SEED,
 ) -> Comparison:
-    """The protocol: per method, sweep its learning rates on seeds[0], then run every seed at the best rate.
+    """The protocol: per method, sweep its learning rates on the validation text with `selection_seed`, then run
+    every seed at the best rate on the test text (the module docstring's rules).
+
+    workers > 1 (with the run cache on, no log_dir): the sweep's runs, then the seeds' runs, are first trained side
+    by side (parallel.Prefetcher), `workers` at a time; the numbers are those of workers=1.
 
     log_dir: TensorBoard logs of every run, under tensorboard_logs.run_log_dir (<log_dir>/<task>/<method>/seed=<n>,
     with lr=<rate>/ before seed= for a method that tries several rates), so TensorBoard overlays them; cached runs
     are written from their record (runs.log_cached_run)."""
     seeds = tuple(seeds)
     if len(seeds) < 1 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct integers (3 or more for a spread), got {seeds!r}.")
+        raise ValueError(f"seeds must be distinct integers ({MIN_SEEDS} or more for a verdict), got {seeds!r}.")
+    if selection_seed in seeds:
+        raise ValueError(
+            f"selection_seed {selection_seed} is one of the reported seeds {list(seeds)}: the rate would be chosen "
+            "on a run the table then reports. Pick a seed outside them."
+        )
+    reported_on = "test" if task.test is not None else "validation"
+    chooser = selection_view(task)
+    tested = report_view(task) if reported_on == "test" else task
     if not methods or not all(isinstance(m, Method) for m in methods):
         raise ValueError("methods must be a non-empty list of protocol.Method (see lora_method, full_method).")
     labels = [m.label for m in methods]
@@ -233,57 +328,65 @@ def compare(
     say = log or (lambda line: None)
     t0 = time.perf_counter()
     digest = model_digest(base_model) if cache is not False else None
-    with one_cpu_thread("cpu"):  # the base row is scored like every curve point
-        base = task_scores(base_model, encode_task(task, tokenizer), eval_chars)
-    results = []
-    for method in methods:
+    with one_cpu_thread("cpu"):  # the base row is scored like every curve point, on the reported text
+        base = task_scores(base_model, encode_task(tested, tokenizer), eval_chars)
 
-        def run(lr, seed):
-            cfg = protocol_train_config(method.lora is None, lr, seed, steps, **(train_overrides or {}))
-            if log_dir is not None:  # not part of the run's cache key: a cached run stays cached
-                several = len(method.learning_rates) > 1
-                cfg = replace(cfg, log_dir=run_log_dir(log_dir, task.name, method.label, seed, lr if several else None))
-            result = run_once(
-                base_model,
-                task,
-                tokenizer,
-                method.lora,
-                cfg,
-                label=method.label,
-                eval_chars=eval_chars,
-                points=curve_points,
-                cache=cache,
-                base_digest=digest,
-            )
-            say(
-                f"{method.label} lr={lr:g} seed={seed}: target {result.final['target']:.4f}"
-                f"{' (cached)' if result.from_cache else f' ({result.seconds:.1f} s)'}"
-            )
-            return result
+    def config(method: Method, lr: float, seed: int):
+        return protocol_train_config(method.lora is None, lr, seed, steps, **(train_overrides or {}))
 
-        first = {lr: run(lr, seeds[0]) for lr in method.learning_rates}
-        sweep = {lr: r.final["target"] for lr, r in first.items()}
-        finite = {lr: v for lr, v in sweep.items() if math.isfinite(v)}
-        if not finite:
-            raise RuntimeError(f"{method.label}: every learning rate of {list(sweep)} diverged; try smaller ones.")
-        best = min(finite, key=finite.get)
-        runs = [first[best]] + [run(best, seed) for seed in seeds[1:]]
-        results.append(MethodResult(method, best, sweep, runs))
-    return Comparison(task, base, results, seeds, steps, time.perf_counter() - t0, eval_chars)
+    def run(method: Method, view: Task, lr: float, seed: int) -> Run:
+        cfg = config(method, lr, seed)
+        if log_dir is not None:  # not part of the run's cache key: a cached run stays cached
+            several = len(method.learning_rates) > 1
+            cfg = replace(cfg, log_dir=run_log_dir(log_dir, view.name, method.label, seed, lr if several else None))
+        result = run_once(base_model, view, tokenizer, method.lora, cfg, label=method.label, eval_chars=eval_chars,
+                          points=curve_points, cache=cache, base_digest=digest)  # fmt: skip
+        say(
+            f"{method.label} lr={lr:g} seed={seed} ({view.name}): target {result.final['target']:.4f}"
+            f"{' (cached)' if result.from_cache else f' ({result.seconds:.1f} s)'}"
+        )
+        return result
+
+    def request(method: Method, view: Task, lr: float, seed: int) -> RunRequest:
+        return RunRequest(view, method.lora, config(method, lr, seed), method.label, eval_chars, curve_points)
+
+    swept = [m for m in methods if len(m.learning_rates) > 1]
+    side_by_side = workers if log_dir is None else 1  # a prefetched run would log no per-step events
+    with Prefetcher(base_model, tokenizer, cache=cache, workers=side_by_side, base_digest=digest) as pool:
+        pool.train([request(m, chooser, lr, selection_seed) for m in swept for lr in m.learning_rates])
+        sweeps, bests = {}, {}
+        for method in methods:
+            if method not in swept:
+                sweeps[method.label], bests[method.label] = {}, method.learning_rates[0]
+                continue
+            sweep = {lr: run(method, chooser, lr, selection_seed).final["target"] for lr in method.learning_rates}
+            finite = {lr: v for lr, v in sweep.items() if math.isfinite(v)}
+            if not finite:
+                raise RuntimeError(f"{method.label}: every learning rate of {list(sweep)} diverged; try smaller ones.")
+            sweeps[method.label], bests[method.label] = sweep, min(finite, key=finite.get)
+        pool.train([request(m, tested, bests[m.label], seed) for m in methods for seed in seeds])
+        results = []
+        for method in methods:
+            runs = [run(method, tested, bests[method.label], seed) for seed in seeds]
+            results.append(MethodResult(method, bests[method.label], sweeps[method.label], runs))
+    seconds = time.perf_counter() - t0
+    return Comparison(task, base, results, seeds, steps, seconds, eval_chars, selection_seed, reported_on)
 
 
 def check_compare_output(out_dir: str | os.PathLike) -> Path:
     """Claim `out_dir` for write_comparison (files.claim_output_dir): missing, empty or an earlier comparison's."""
-    return claim_output_dir(out_dir, COMPARE_OUTPUT_FORMAT)
+    return claim_output_dir(out_dir, COMPARE_OUTPUT_FORMAT, "write_comparison")
 
 
 def write_comparison(comparison: Comparison, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """comparison.md (the table, sweeps and noise lines), comparison.json (every run) and curves.png."""
+    """comparison.md (the table, sweeps and verdicts), comparison.json (every run) and curves.png."""
     out = check_compare_output(out_dir)
     record = {
         "task": comparison.task.name,
         "steps": comparison.steps,
         "seeds": list(comparison.seeds),
+        "selection_seed": comparison.selection_seed,
+        "reported_on": comparison.reported_on,
         "eval_chars": comparison.eval_chars,
         "base": comparison.base,
         "methods": [

@@ -13,7 +13,7 @@ import os
 import statistics
 from pathlib import Path
 
-from ..storage.files import check_output_path, write_file_atomic
+from ..storage.files import check_output_path, claim_output_dir, write_file_atomic
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None, formats: dict[str, str] | None = None) -> str:
@@ -62,6 +62,24 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return write_file_atomic(path, buf.getvalue())
+
+
+def write_tables_and_figures(tables: dict[str, list[dict]], figures: dict, out_dir, format_tag: str) -> dict:
+    """Each table as <name>.csv and each figure as <name>.png in a lora_lab output folder tagged `format_tag`
+    (files.claim_output_dir: missing, empty or one this writer made before); returns the paths by file name."""
+    out = claim_output_dir(out_dir, format_tag)
+    written = {}
+    for name, rows in tables.items():
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+        written[f"{name}.csv"] = write_file_atomic(out / f"{name}.csv", table_csv(rows, columns))
+    for name, fig in figures.items():
+        written[f"{name}.png"] = save_figure(fig, out / f"{name}.png")
+    return written
+
+
+def verdict_word(full: bool, partly: bool) -> str:
+    """A finding's verdict from its two rules: "reproduced", "partly" or "not reproduced"."""
+    return "reproduced" if full else ("partly" if partly else "not reproduced")
 
 
 # ----------------------------------------------------------------------------------------------

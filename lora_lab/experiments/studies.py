@@ -2,8 +2,8 @@
 
 - `rank_sweep`: one LoRA fine-tune per rank (one seed, one rate), written as sweep.csv and sweep.png;
 - `compare_methods`: base, LoRA and full fine-tuning side by side, one seed each, as a protocol Comparison;
-- `lora_vs_full`, `norm_by_rank`, `attention_vs_mlp`: protocol.compare on the methods chapter 04 compares, and
-  `lr_ratio`, `delta_norm_rows`, `equal_budget_ranks` to read them.
+- `lora_vs_full`, `norm_by_rank`, `attention_vs_mlp`: protocol.compare on the methods chapter 04 compares (each
+  passes `workers` on: runs trained side by side), and `lr_ratio`, `delta_norm_rows`, `equal_budget_ranks` to read them.
 """
 
 from __future__ import annotations
@@ -181,8 +181,8 @@ def compare_methods(
     **eval_options,
 ) -> Comparison:
     """Base, LoRA and full fine-tuning on one task, one seed each, at the given configs: a protocol Comparison
-    (its table, sweeps and noise lines) of single runs. eval_options (eval_chars, curve_points) go to `finetune`.
-    For a fair comparison (a learning-rate sweep per method, 3 seeds, a noise line) use protocol.compare."""
+    (its table and sweeps; one seed: no verdicts). eval_options (eval_chars, curve_points) go to `finetune`.
+    For a fair comparison (a learning-rate sweep per method, paired seeds, verdicts) use protocol.compare."""
     results = []
     for config, train_config in ((lora, lora_train_config), (None, full_train_config)):
         res = finetune(base_model, task, tokenizer, config, train_config, progress, **eval_options)
@@ -230,6 +230,7 @@ def lora_vs_full(
     eval_chars: int | None = EVAL_CHARS,
     curve_points: int = CURVE_POINTS,
     log_dir: str | os.PathLike | None = None,
+    workers: int = 1,
 ) -> Comparison:
     """Base vs LoRA (r, alpha 16, attention) vs full fine-tuning. sweep=False runs each method at the rate the
     protocol chose (LORA_LEARNING_RATE, FULL_LEARNING_RATE): 6 runs. sweep=True sweeps both grids: 14 runs.
@@ -251,6 +252,7 @@ def lora_vs_full(
         eval_chars=eval_chars,
         curve_points=curve_points,
         log_dir=log_dir,  # TensorBoard: <log_dir>/<task>/<method>/seed=<n>
+        workers=workers,
     )
 
 
@@ -269,6 +271,7 @@ def norm_by_rank(
     eval_chars: int | None = EVAL_CHARS,
     curve_points: int = 2,
     device: str = "cpu",
+    workers: int = 1,
 ) -> Comparison:
     """One LoRA run per rank and seed at one learning rate, to read ‖ΔW‖_F against r (delta_norm_rows).
     alpha: a number for every rank (default 16: scale alpha / r, lora_lab's and the LoRA paper's rule), or a
@@ -288,6 +291,7 @@ def norm_by_rank(
         eval_chars=eval_chars,
         log=log,
         train_overrides={"device": device},
+        workers=workers,
     )
 
 
@@ -305,6 +309,7 @@ def attention_vs_mlp(
     eval_chars: int | None = EVAL_CHARS,
     curve_points: int = 2,
     device: str = "cpu",
+    workers: int = 1,
 ) -> Comparison:
     """LoRA on the attention projections only vs on the MLP only, at an equal parameter budget
     (equal_budget_ranks), each at `learning_rate`."""
@@ -325,6 +330,7 @@ def attention_vs_mlp(
         eval_chars=eval_chars,
         log=log,
         train_overrides={"device": device},
+        workers=workers,
     )
 
 

@@ -126,15 +126,16 @@ def check_bundle_target(
     return directory
 
 
-def claim_output_dir(path: str | os.PathLike, format_tag: str) -> Path:
+def claim_output_dir(path: str | os.PathLike, format_tag: str, what: str = "claim_output_dir") -> Path:
     """Make `path` a folder lora_lab may write several outputs into (reports, plots, sub-bundles).
 
     A missing or empty folder is created/claimed by writing the marker file .lora_lab_output.json
     ({"format": format_tag}); a folder that carries the marker with the same tag is accepted as it is.
     Anything else (a file, a link, a folder of the user's files such as `.` or `~`, another kind of
-    output) is refused with OutputExistsError and left untouched.
+    output) is refused with OutputExistsError and left untouched. `what` names the caller in the messages
+    (the public writer, e.g. "write_leaderboard").
     """
-    path = _given_path(path, "claim_output_dir")  # "." is fine (an empty working directory); "" is a mistake
+    path = _given_path(path, what)  # "." is fine (an empty working directory); "" is a mistake
     marker = path / OUTPUT_MARKER
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise _refuse(path, "not a folder that lora_lab wrote")
