@@ -147,7 +147,7 @@ def test_compare_methods_is_a_protocol_comparison_of_one_seed(setup):
     assert lora_row["target loss"] == f"{alone.losses['target']:.4f} ± 0.0000"
     assert (lora_res.chosen_lr, full_res.chosen_lr) == (lora_cfg.learning_rate, full_cfg.learning_rate)
     text = comp.to_text()
-    assert "LoRA r=2" in text and "full FT" in text and "one seed: no spread" in text
+    assert "LoRA r=2" in text and "full FT" in text and "1 seed(s): no verdicts" in text
 
 
 def test_rank_sweep_writes_a_table_and_a_plot(setup, tmp_path):

@@ -182,9 +182,10 @@ def test_protocol_runs_log_under_task_method_lr_seed_and_cached_runs_from_their_
     (res,) = comp.results
     folders = {p.parent.relative_to(tmp_path / "tb").as_posix() for p in event_files(tmp_path / "tb")}
     assert folders == {
-        "shout/LoRA r=2/lr=1e-06/seed=0",
         "shout/LoRA r=2/lr=0.01/seed=0",
         "shout/LoRA r=2/lr=0.01/seed=1",
+        "shout/LoRA r=2/lr=1e-06/seed=1000",  # the sweep, with the selection seed on the validation text
+        "shout/LoRA r=2/lr=0.01/seed=1000",
     }
     for run in res.runs:  # the chosen rate, every seed: the events are the run's own curve
         acc = events(run_log_dir(tmp_path / "tb", "shout", "LoRA r=2", run.seed, run.learning_rate))

@@ -22,9 +22,10 @@ import torch
 from ..devices import pick_device
 from ..lora import LoRAConfig
 from ..model import GPT, GPTConfig
+from ..storage.files import claim_output_dir
 from ..tasks import Task
 from ..train import TrainConfig
-from .runs import model_digest, run_key, run_once, runs_dir
+from .runs import RUNS_FORMAT, model_digest, run_key, run_once, runs_dir
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class Prefetcher:
         todo = [r for r in missing_runs(requests, self.digest, self.cache) if pick_device(r.cfg.device).type == "cpu"]
         if len(todo) < 2:
             return 0
+        claim_output_dir(runs_dir(self.cache), RUNS_FORMAT)  # once, here: workers writing their first runs at once race
         try:
             for _ in self._executor().map(_train, todo):  # an error in a run is raised here, with its traceback
                 pass

@@ -338,7 +338,7 @@ def compare(
         cfg = config(method, lr, seed)
         if log_dir is not None:  # not part of the run's cache key: a cached run stays cached
             several = len(method.learning_rates) > 1
-            cfg = replace(cfg, log_dir=run_log_dir(log_dir, view.name, method.label, seed, lr if several else None))
+            cfg = replace(cfg, log_dir=run_log_dir(log_dir, task.name, method.label, seed, lr if several else None))
         result = run_once(base_model, view, tokenizer, method.lora, cfg, label=method.label, eval_chars=eval_chars,
                           points=curve_points, cache=cache, base_digest=digest)  # fmt: skip
         say(
