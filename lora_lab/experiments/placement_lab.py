@@ -40,7 +40,7 @@ from .parallel import Prefetcher, RunRequest, missing_runs
 from .protocol import protocol_train_config, report_view, selection_view
 from .reports import new_figure, verdict_word, write_tables_and_figures
 from .runs import Run, model_digest, run_once
-from .stats import holm_adjust, is_real, paired_difference, t_quantile, verdict_sentence
+from .stats import holm_adjust, is_real, paired_difference, t_quantile, verdict_sentence, verdicts_against
 
 PLACEMENT_LAB_FORMAT = "lora_lab.placement_lab.v1"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -213,8 +213,7 @@ def paired_calls(results: dict[str, ArmResult], pairs: list[tuple[str, str]], ke
 
 
 def mean_rows(results: dict[str, ArmResult]) -> list[dict]:
-    """Per arm: trainable numbers, chosen rate, mean test loss with its 95% t interval, test accuracy, source loss,
-    and the share of the base's gap to the best arm it closes."""
+    """Per arm: trainable numbers, chosen rate, mean test loss with its 95% t interval, test accuracy, source loss."""
     rows = []
     for label, res in results.items():
         rows.append({
@@ -564,14 +563,12 @@ def forgetting_rows(
     among them), each run's source loss where it first gets there, and each arm against `reference` per seed."""
     level = max(v for label in labels for v in results[label].values())
     at = {label: [source_at_target(r.curve, level) for r in results[label].runs] for label in labels}
-    pairs = [(label, reference) for label in labels if label != reference]
-    diffs = [paired_difference(at[a], at[b]) for a, b in pairs]
-    adjusted = holm_adjust([d.p_value for d in diffs])
     rows = [{"arm": reference, "source loss at matched target": statistics.fmean(at[reference]), "minus full FT": 0.0,
              "ci low": None, "ci high": None, "holm p": None, "real": None}]  # fmt: skip
-    for (a, _), d, p in zip(pairs, diffs, adjusted):
-        rows.append({"arm": a, "source loss at matched target": statistics.fmean(at[a]), "minus full FT": d.mean,
-                     "ci low": d.low, "ci high": d.high, "holm p": p, "real": is_real(d, p)})  # fmt: skip
+    for v in verdicts_against({label: at[label] for label in labels}, reference):  # Holm across these calls
+        rows.append({"arm": v.name, "source loss at matched target": statistics.fmean(at[v.name]),
+                     "minus full FT": v.diff.mean, "ci low": v.diff.low, "ci high": v.diff.high,
+                     "holm p": v.adjusted_p, "real": v.real})  # fmt: skip
     return level, rows
 
 
